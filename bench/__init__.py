@@ -1,0 +1,1 @@
+"""kefu microbenchmarks: ``python -m bench [--json] [--quick] [--only NAME ...]``."""
