@@ -66,7 +66,7 @@ def _cflags() -> list[str]:
     if DEBUG:
         flags += ["-O0", "-g", "-UNDEBUG", "-DKEFU_DEBUG=1"]
     else:
-        flags += OPT_CFLAGS + ["-DNDEBUG"]
+        flags += [*OPT_CFLAGS, "-DNDEBUG"]
     return flags
 
 

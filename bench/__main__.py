@@ -75,7 +75,9 @@ def _print_tables(rows: list[Row]) -> None:
             if ref is not None and r is not ref and r.value > 0 and ref.value > 0:
                 times = ref.value / r.value if hib else r.value / ref.value
                 rel = f"  kefu c is {times:.1f}x {'faster' if times >= 1 else 'slower'}"
-            extra = "  ".join(f"{k}={_fmt(v) if isinstance(v, float) else v}" for k, v in r.extra.items())
+            extra = "  ".join(
+                f"{k}={_fmt(v) if isinstance(v, float) else v}" for k, v in r.extra.items()
+            )
             print(f"  {r.impl:<{width}}  {_fmt(r.value):>12}{rel}{'  ' + extra if extra else ''}")
 
 

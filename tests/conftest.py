@@ -44,6 +44,7 @@ def _impls(name: str) -> dict[str, object]:
         impls["c"] = _NotBuilt(name)
     return impls
 
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 
