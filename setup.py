@@ -70,8 +70,30 @@ def _cflags() -> list[str]:
     return flags
 
 
+VARIANT = f"debug={int(DEBUG)} cflags={' '.join(OPT_CFLAGS)}"
+VARIANT_STAMP = os.path.join("build", "kefu-build-variant")
+
+
 class BuildExt(build_ext):
-    """Compiles each SIMD kernel with its own flags and links the objects into ``tfidf``."""
+    """Compiles each SIMD kernel with its own flags and links the objects into ``tfidf``.
+
+    A change of variant (debug or release, other optimisation flags) forces a full rebuild:
+    build_ext compares only file times, so a release ``.so`` would otherwise survive a switch
+    to a debug build, or the reverse.
+    """
+
+    def run(self) -> None:
+        try:
+            with open(VARIANT_STAMP, encoding="utf-8") as fh:
+                previous = fh.read()
+        except OSError:
+            previous = None
+        if previous != VARIANT:
+            self.force = True
+        super().run()
+        os.makedirs(os.path.dirname(VARIANT_STAMP), exist_ok=True)
+        with open(VARIANT_STAMP, "w", encoding="utf-8") as fh:
+            fh.write(VARIANT)
 
     def build_extension(self, ext: Extension) -> None:
         if ext.name == "kefu._core.tfidf":
@@ -91,7 +113,11 @@ class BuildExt(build_ext):
 def _extensions() -> list[Extension]:
     from Cython.Build import cythonize
 
-    common = dict(extra_compile_args=_cflags(), include_dirs=["kefu/_core", SIMD_DIR])
+    common = dict(
+        extra_compile_args=_cflags(),
+        include_dirs=["kefu/_core", SIMD_DIR],
+        depends=["kefu/_core/kefu_debug.h"],
+    )
     if DEBUG:
         common["undef_macros"] = ["NDEBUG"]
     exts = [
@@ -110,6 +136,8 @@ def _extensions() -> list[Extension]:
         exts,
         compiler_directives=CYTHON_DIRECTIVES,
         annotate=ANNOTATE,
+        # Generated C differs between variants (bounds checks): keep each variant's apart.
+        build_dir=os.path.join("build", "cython-debug" if DEBUG else "cython"),
         force=ANNOTATE,
         quiet=True,
     )

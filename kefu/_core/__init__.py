@@ -58,9 +58,9 @@ def _import_compiled(name: str) -> ModuleType | None:
 
 
 if not NO_EXTENSIONS:
-    _compiled = {name: _import_compiled(name) for name in MODULES}
-    if all(m is not None for m in _compiled.values()):
-        ringbuf, mq, router, tfidf = (_compiled[n] for n in MODULES)  # type: ignore[misc]
+    _compiled = [_import_compiled(name) for name in MODULES]
+    if all(m is not None for m in _compiled):
+        ringbuf, mq, router, tfidf = (m for m in _compiled if m is not None)
         USING_EXTENSIONS = True
     del _compiled
 
