@@ -61,45 +61,45 @@ def _pair(name: str) -> list[object]:
     return [pytest.param((impls["py"], impls["c"]), id=f"py-vs-c-{name}")]
 
 
-@pytest.fixture(params=_params("ringbuf"))
+@pytest.fixture(scope="session", params=_params("ringbuf"))
 def ringbuf_impl(request: pytest.FixtureRequest) -> ModuleType:
     return _resolve("ringbuf", request.param)
 
 
-@pytest.fixture(params=_params("mq"))
+@pytest.fixture(scope="session", params=_params("mq"))
 def mq_impl(request: pytest.FixtureRequest) -> ModuleType:
     return _resolve("mq", request.param)
 
 
-@pytest.fixture(params=_params("router"))
+@pytest.fixture(scope="session", params=_params("router"))
 def router_impl(request: pytest.FixtureRequest) -> ModuleType:
     return _resolve("router", request.param)
 
 
-@pytest.fixture(params=_params("tfidf"))
+@pytest.fixture(scope="session", params=_params("tfidf"))
 def tfidf_impl(request: pytest.FixtureRequest) -> ModuleType:
     return _resolve("tfidf", request.param)
 
 
-@pytest.fixture(params=_pair("ringbuf"))
+@pytest.fixture(scope="session", params=_pair("ringbuf"))
 def ringbuf_pair(request: pytest.FixtureRequest) -> tuple[ModuleType, ModuleType]:
     py, c = request.param
     return py, _resolve("ringbuf", c)
 
 
-@pytest.fixture(params=_pair("mq"))
+@pytest.fixture(scope="session", params=_pair("mq"))
 def mq_pair(request: pytest.FixtureRequest) -> tuple[ModuleType, ModuleType]:
     py, c = request.param
     return py, _resolve("mq", c)
 
 
-@pytest.fixture(params=_pair("router"))
+@pytest.fixture(scope="session", params=_pair("router"))
 def router_pair(request: pytest.FixtureRequest) -> tuple[ModuleType, ModuleType]:
     py, c = request.param
     return py, _resolve("router", c)
 
 
-@pytest.fixture(params=_pair("tfidf"))
+@pytest.fixture(scope="session", params=_pair("tfidf"))
 def tfidf_pair(request: pytest.FixtureRequest) -> tuple[ModuleType, ModuleType]:
     py, c = request.param
     return py, _resolve("tfidf", c)

@@ -131,7 +131,8 @@ def test_debug_build_counts_live_objects_and_annotates(tmp_path: Path) -> None:
     )
     for mod in CORE_MODULES:
         assert list((src / "kefu" / "_core").glob(f"{mod}.*.so")), f"{mod} not built"
-        assert (src / "kefu" / "_core" / f"{mod}.html").exists(), f"{mod} not annotated"
+        html = src / "build" / "cython-debug" / "kefu" / "_core" / f"{mod}.html"
+        assert html.exists(), f"{mod} not annotated"
     code = (
         "import kefu._core as c\n"
         "assert c.USING_EXTENSIONS\n"
