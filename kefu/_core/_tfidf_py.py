@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 import sys
 from collections import Counter
 from collections.abc import Iterable
@@ -28,6 +29,7 @@ import numpy.typing as npt
 __all__ = [
     "MAX_DOCS",
     "MAX_TERMS",
+    "MAX_THREADS",
     "TfidfIndex",
     "debug_counters",
     "dot",
@@ -41,6 +43,8 @@ __all__ = [
 MAX_DOCS = 2**31 - 1
 #: The index keeps per-term arrays for every id below ``n_terms``, so ``n_terms`` is capped.
 MAX_TERMS = 1 << 22
+#: The most threads one ``matvec`` uses in the compiled module (the caller and 63 workers).
+MAX_THREADS = 64
 
 Int32Array = npt.NDArray[np.int32]
 Float32Array = npt.NDArray[np.float32]
@@ -148,8 +152,31 @@ def dot(a: Float32Array, b: Float32Array) -> float:
     return float(np.dot(x, y))
 
 
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _check_threads(threads: object) -> int:
+    """``threads`` as a count in [1, MAX_THREADS]; ``None``: the CPUs this process may use."""
+    if threads is None:
+        return min(_usable_cpus(), MAX_THREADS)
+    if isinstance(threads, bool) or not hasattr(type(threads), "__index__"):
+        raise TypeError(f"threads must be an int or None, got {type(threads).__name__}")
+    value = operator.index(threads)  # type: ignore[arg-type]
+    if value < 1:
+        raise ValueError(f"threads must be at least 1, got {value}")
+    return min(value, MAX_THREADS)
+
+
 def matvec(
-    matrix: Float32Array, vec: Float32Array, out: Float32Array | None = None
+    matrix: Float32Array,
+    vec: Float32Array,
+    out: Float32Array | None = None,
+    *,
+    threads: int | None = 1,
 ) -> Float32Array:
     """``matrix @ vec`` in float32, written to ``out`` (a new array when ``None``).
 
@@ -158,11 +185,16 @@ def matvec(
     contiguous writable float32 numpy array with one value per row, which may overlap the
     inputs.
 
+    ``threads`` is checked as in the compiled module, which shares the rows of a large matrix
+    between that many threads; here numpy computes the product (with its BLAS's own threads).
+
     Raises:
         TypeError: an argument is not float32 (float64 is refused, not cast), or ``out`` is not
-            a numpy array.
-        ValueError: wrong dimensions, strides, alignment or lengths; ``out`` read-only.
+            a numpy array; ``threads`` is not an int or None.
+        ValueError: wrong dimensions, strides, alignment or lengths; ``out`` read-only;
+            ``threads`` < 1.
     """
+    _check_threads(threads)
     m = _matrix(matrix, "matrix")
     v = _vector(vec, "vec")
     rows, cols = m.shape

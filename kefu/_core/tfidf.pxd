@@ -5,8 +5,11 @@ from libc.stdint cimport int32_t
 cdef extern from "kefu_simd.h" nogil:
     ctypedef float (*kefu_dot_f32_fn)(const float *a, const float *b, size_t n) noexcept
     ctypedef void (*kefu_matvec_f32_fn)(
-        const float *m, size_t rows, size_t cols, Py_ssize_t stride, const float *v, float *out
+        const float *m, size_t rows, size_t cols, Py_ssize_t stride, const float *v, float *out,
+        int by_four
     ) noexcept
+
+    int KEFU_MATVEC_MAX_THREADS
 
     const char *kefu_simd_impl() noexcept
     int kefu_simd_count() noexcept
@@ -16,6 +19,10 @@ cdef extern from "kefu_simd.h" nogil:
     float kefu_dot_f32(const float *a, const float *b, size_t n) noexcept
     void kefu_matvec_f32(
         const float *m, size_t rows, size_t cols, Py_ssize_t stride, const float *v, float *out
+    ) noexcept
+    int kefu_matvec_f32_threads(
+        const float *m, size_t rows, size_t cols, Py_ssize_t stride, const float *v, float *out,
+        int threads
     ) noexcept
 
 

@@ -15,6 +15,7 @@ import numpy.typing as npt
 __all__ = [
     "MAX_DOCS",
     "MAX_TERMS",
+    "MAX_THREADS",
     "TfidfIndex",
     "debug_counters",
     "dot",
@@ -32,6 +33,8 @@ MAX_DOCS: int
 """Document ids are int32: at most 2**31 - 1 documents."""
 MAX_TERMS: int
 """At most 4,194,304 term ids (the index keeps per-term arrays for every id below n_terms)."""
+MAX_THREADS: int
+"""The most threads one :func:`matvec` uses: 64 (the calling thread and 63 pool workers)."""
 
 def debug_counters() -> dict[str, int]:
     """``{"live_indexes": n}`` in a ``KEFU_DEBUG=1`` build; ``{}`` in a release build."""
@@ -61,7 +64,11 @@ def dot(a: Float32Array, b: Float32Array) -> float:
     """
 
 def matvec(
-    matrix: Float32Array, vec: Float32Array, out: Float32Array | None = None
+    matrix: Float32Array,
+    vec: Float32Array,
+    out: Float32Array | None = None,
+    *,
+    threads: int | None = 1,
 ) -> Float32Array:
     """``matrix @ vec`` in float32, written to ``out`` (a new array when ``None``).
 
@@ -70,10 +77,26 @@ def matvec(
     contiguous writable float32 numpy array with one value per row, which may overlap the
     inputs.
 
+    ``threads`` (keyword only) shares the rows between up to that many threads: the caller
+    and workers of a process-wide pool, started on first need and parked between calls. The
+    default, 1, computes on the calling thread alone, as a server wants (one event loop per
+    core); more is for offline work (re-ranking, cache rebuilds, evaluation). ``None`` means
+    the CPUs this process may run on. Whatever the count, the result is bit for bit that of
+    ``threads=1``: each row is computed by the same kernel in the same order.
+
+    The count is an upper bound. Fewer threads run when more would not pay: never more than
+    MAX_THREADS or the CPUs this process may run on, at least four rows and 64k elements per
+    thread, and waking a parked worker only for 512k elements per thread or when calls come
+    in quick succession (the workers then stay awake in between). A call made while another
+    thread's call is using the pool runs on its own thread rather than wait. The GIL is
+    released during the product. The pool survives ``os.fork()`` (the child starts its own
+    workers) and does not delay process exit.
+
     Raises:
         TypeError: an argument is not float32 (float64 is refused, not cast), or ``out`` is not
-            a numpy array.
-        ValueError: wrong dimensions, strides, alignment or lengths; ``out`` read-only.
+            a numpy array; ``threads`` is not an int or None (a bool is refused).
+        ValueError: wrong dimensions, strides, alignment or lengths; ``out`` read-only;
+            ``threads`` < 1.
     """
 
 class TfidfIndex:

@@ -39,6 +39,7 @@ cdef extern from "kefu_debug.h":
 __all__ = [
     "MAX_DOCS",
     "MAX_TERMS",
+    "MAX_THREADS",
     "TfidfIndex",
     "debug_counters",
     "dot",
@@ -164,6 +165,24 @@ cdef object _new_array(Py_ssize_t n, object dtype, void **data):
 # it frees.
 cdef Py_ssize_t _NOGIL_FLOATS = 1 << 15
 
+# The most threads one matvec uses (kefu_simd.h): the caller and up to 63 pool workers.
+MAX_THREADS = KEFU_MATVEC_MAX_THREADS
+
+
+cdef int _check_threads(object threads) except -1:
+    """``threads`` as a count in [1, MAX_THREADS]; ``None``: the CPUs this process may use."""
+    if threads is None:
+        try:
+            threads = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            threads = os.cpu_count() or 1
+    elif isinstance(threads, bool) or not PyIndex_Check(threads):
+        raise TypeError(f"threads must be an int or None, got {type(threads).__name__}")
+    threads = PyNumber_Index(threads)
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    return min(threads, KEFU_MATVEC_MAX_THREADS)
+
 
 def simd_impl():
     """The dense kernel in use: ``"scalar"``, ``"sse2"``, ``"avx2"`` or ``"neon"``."""
@@ -229,8 +248,10 @@ def dot(a, b):
     return result
 
 
-def matvec(matrix, vec, out=None):
-    """``matrix @ vec`` for a float32 matrix with contiguous rows (any row stride)."""
+def matvec(matrix, vec, out=None, *, threads=1):
+    """``matrix @ vec`` for a float32 matrix with contiguous rows (any row stride), its rows
+    shared by up to ``threads`` threads."""
+    cdef int n_threads = _check_threads(threads)
     cdef Py_buffer vm, vv, vo
     cdef bint have_out = False
     cdef void *tmp = NULL
@@ -290,9 +311,12 @@ def matvec(matrix, vec, out=None):
         else:
             dest_kernel = dest
         if rows * cols >= _NOGIL_FLOATS:
+            # Rows are shared between threads only far above this size (128k elements), so
+            # always without the GIL; the pool's workers never take it.
             with nogil:
-                kefu_matvec_f32(
-                    <const float *>vm.buf, rows, cols, stride, <const float *>vv.buf, dest_kernel
+                kefu_matvec_f32_threads(
+                    <const float *>vm.buf, rows, cols, stride, <const float *>vv.buf,
+                    dest_kernel, n_threads,
                 )
         else:
             kefu_matvec_f32(

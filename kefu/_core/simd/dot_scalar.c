@@ -20,8 +20,9 @@ float kefu_dot_f32_scalar(const float *a, const float *b, size_t n)
 }
 
 void kefu_matvec_f32_scalar(const float *m, size_t rows, size_t cols, ptrdiff_t stride,
-                            const float *v, float *out)
+                            const float *v, float *out, int by_four)
 {
+    (void)by_four; /* one row at a time either way: the scalar dot has no v to share */
     for (size_t r = 0; r < rows; r++)
         out[r] = kefu_dot_f32_scalar(m + (ptrdiff_t)r * stride, v, cols);
 }

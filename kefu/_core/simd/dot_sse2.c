@@ -90,11 +90,10 @@ static size_t four_rows_at_a_time(const float *m, size_t rows, size_t cols, ptrd
 }
 
 void kefu_matvec_f32_sse2(const float *m, size_t rows, size_t cols, ptrdiff_t stride,
-                          const float *v, float *out)
+                          const float *v, float *out, int by_four)
 {
     size_t r = 0;
-    /* Past the caches, one sequential stream beats four (KEFU_MATVEC_STREAM_FLOATS). */
-    if (rows * cols <= KEFU_MATVEC_STREAM_FLOATS)
+    if (by_four)
         r = four_rows_at_a_time(m, rows, cols, stride, v, out);
     for (; r < rows; r++)
         out[r] = kefu_dot_f32_sse2(m + (ptrdiff_t)r * stride, v, cols);
