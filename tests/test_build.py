@@ -8,9 +8,9 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -23,20 +23,21 @@ pytestmark = pytest.mark.slow
 
 
 def _copy_source(dest: Path) -> Path:
-    """The files a source distribution carries, without any build output of the checkout."""
-    src = dest / "src"
-    src.mkdir()
-    for name in ("setup.py", "pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, src / name)
-    shutil.copytree(
-        REPO / "kefu",
-        src / "kefu",
-        ignore=shutil.ignore_patterns("*.so", "*.c", "*.html", "__pycache__", "*.o"),
+    """The unpacked source distribution of the checkout: proves MANIFEST.in carries every file
+    the build needs (Cython sources, C headers, SIMD kernels), with no build output in it."""
+    dist = dest / "sdist"
+    subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "-o", str(dist), str(REPO)],
+        check=True,
+        capture_output=True,
+        env=_env(),
     )
-    # The C sources of the SIMD kernels are real sources: copy them back.
-    shutil.copytree(
-        REPO / "kefu" / "_core" / "simd", src / "kefu" / "_core" / "simd", dirs_exist_ok=True
-    )
+    (archive,) = dist.glob("kefu-*.tar.gz")
+    with tarfile.open(archive) as tf:
+        names = tf.getnames()
+        assert not [n for n in names if n.endswith((".so", ".o"))], names
+        tf.extractall(dest, filter="data")
+    (src,) = (p for p in dest.iterdir() if p.name.startswith("kefu-") and p.is_dir())
     return src
 
 

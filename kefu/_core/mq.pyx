@@ -48,43 +48,14 @@ cdef extern from "kefu_debug.h":
 cdef extern from "Python.h":
     const Py_ssize_t PY_SSIZE_T_MAX
 
-cdef extern from *:
-    """
-    /* Slot access on a list of fixed length used as a ring's slot array. No bounds checks: the
-       callers keep every index below the length, which never changes while the list is used. */
-
-    /* Puts v in slot i (taking a new reference) and hands the slot's old reference over. */
-    static CYTHON_INLINE PyObject* kefu_mq_swap(PyObject* slots, Py_ssize_t i, PyObject* v) {
-        PyObject** slot = &((PyListObject*)slots)->ob_item[i];
-        PyObject* old = *slot;
-        Py_INCREF(v);
-        *slot = v;
-        return old;
-    }
-
-    /* Moves slots[i] into slot j of a new list (from PyList_New), leaving None behind. */
-    static CYTHON_INLINE void kefu_mq_move(PyObject* out, Py_ssize_t j,
-                                           PyObject* slots, Py_ssize_t i) {
-        PyList_SET_ITEM(out, j, ((PyListObject*)slots)->ob_item[i]);
-        Py_INCREF(Py_None);
-        ((PyListObject*)slots)->ob_item[i] = Py_None;
-    }
-
-    /* Exchanges a[i] and b[j]; no reference count changes. */
-    static CYTHON_INLINE void kefu_mq_exchange(PyObject* a, Py_ssize_t i,
-                                               PyObject* b, Py_ssize_t j) {
-        PyObject* t = ((PyListObject*)a)->ob_item[i];
-        ((PyListObject*)a)->ob_item[i] = ((PyListObject*)b)->ob_item[j];
-        ((PyListObject*)b)->ob_item[j] = t;
-    }
-    """
+cdef extern from "kefu_slots.h":
     # The same swap, seen twice: _take_slot gives Cython the old reference to own, _put_slot
     # leaves it to the caller to release once the queue is consistent again (_release).
-    object _take_slot "kefu_mq_swap"(list slots, Py_ssize_t i, object v)
-    PyObject* _put_slot "kefu_mq_swap"(list slots, Py_ssize_t i, object v)
+    object _take_slot "kefu_slot_swap"(list slots, Py_ssize_t i, object v)
+    PyObject* _put_slot "kefu_slot_swap"(list slots, Py_ssize_t i, object v)
     void _release "Py_DECREF"(PyObject* o)
-    void _move "kefu_mq_move"(list out, Py_ssize_t j, list slots, Py_ssize_t i)
-    void _exchange "kefu_mq_exchange"(list a, Py_ssize_t i, list b, Py_ssize_t j)
+    void _move "kefu_slot_move"(list out, Py_ssize_t j, list slots, Py_ssize_t i)
+    void _exchange "kefu_slot_exchange"(list a, Py_ssize_t i, list b, Py_ssize_t j)
     list PyList_New(Py_ssize_t size)
 
 PUSH_OK = 0

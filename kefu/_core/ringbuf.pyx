@@ -47,46 +47,15 @@ cdef extern from "Python.h":
     # With a NULL exception type, an int past PY_SSIZE_T_MAX is clamped instead of refused.
     Py_ssize_t _clamped_ssize "PyNumber_AsSsize_t"(object o, PyObject* exc) except? -1
 
-cdef extern from *:
-    """
-    /* Slot access on a list of fixed length used as a ring's slot array. No bounds checks: the
-       callers keep every index below the length, which never changes while the list is used. */
-
-    /* Puts v in slot i (taking a new reference) and hands the slot's old reference over. */
-    static CYTHON_INLINE PyObject* kefu_ring_swap(PyObject* slots, Py_ssize_t i, PyObject* v) {
-        PyObject** slot = &((PyListObject*)slots)->ob_item[i];
-        PyObject* old = *slot;
-        Py_INCREF(v);
-        *slot = v;
-        return old;
-    }
-
-    /* Exchanges a[i] and b[j]; no reference count changes. */
-    static CYTHON_INLINE void kefu_ring_exchange(PyObject* a, Py_ssize_t i,
-                                                 PyObject* b, Py_ssize_t j) {
-        PyObject* t = ((PyListObject*)a)->ob_item[i];
-        ((PyListObject*)a)->ob_item[i] = ((PyListObject*)b)->ob_item[j];
-        ((PyListObject*)b)->ob_item[j] = t;
-    }
-
-    /* Fills slot j of a new list (from PyList_New) with a new reference to v. */
-    static CYTHON_INLINE void kefu_ring_fill(PyObject* out, Py_ssize_t j, PyObject* v) {
-        Py_INCREF(v);
-        PyList_SET_ITEM(out, j, v);
-    }
-
-    static CYTHON_INLINE PyObject* kefu_ring_borrow(PyObject* slots, Py_ssize_t i) {
-        return ((PyListObject*)slots)->ob_item[i];
-    }
-    """
+cdef extern from "kefu_slots.h":
     # The same swap, seen twice: _take gives Cython the old reference to own (pop), _put leaves
     # it to the caller to release once the buffer is consistent again (_release).
-    object _take "kefu_ring_swap"(list slots, Py_ssize_t i, object v)
-    PyObject* _put "kefu_ring_swap"(list slots, Py_ssize_t i, object v)
+    object _take "kefu_slot_swap"(list slots, Py_ssize_t i, object v)
+    PyObject* _put "kefu_slot_swap"(list slots, Py_ssize_t i, object v)
     void _release "Py_DECREF"(PyObject* o)
-    void _exchange "kefu_ring_exchange"(list a, Py_ssize_t i, list b, Py_ssize_t j)
-    void _fill "kefu_ring_fill"(list out, Py_ssize_t j, object v)
-    PyObject* _borrow "kefu_ring_borrow"(list slots, Py_ssize_t i)
+    void _exchange "kefu_slot_exchange"(list a, Py_ssize_t i, list b, Py_ssize_t j)
+    void _fill "kefu_slot_fill"(list out, Py_ssize_t j, object v)
+    PyObject* _borrow "kefu_slot_borrow"(list slots, Py_ssize_t i)
     list PyList_New(Py_ssize_t size)
 
 MAX_CAPACITY = 1 << 26
