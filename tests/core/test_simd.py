@@ -14,6 +14,7 @@ import platform
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -354,6 +355,197 @@ def test_matvec_out_may_overlap_the_inputs(tfidf_impl: ModuleType) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# matvec on several threads.
+#
+# The compiled module shares the rows of a big matrix between the caller and a worker pool:
+# from 64k elements per thread when its workers are awake (calls in quick succession, as
+# here), and from 512k per thread when it must wake or start them. Each row is computed by the
+# same kernel in the same order whatever the thread computing it, so every thread count must
+# give the bits of threads=1 exactly; random floats (not integers) make that a real check.
+
+# Rows chosen around the four-row blocking, sizes below every threshold (a few hundred
+# elements), between them (384k), above them (1.2M), and past KEFU_MATVEC_STREAM_FLOATS, where
+# the kernels walk one row at a time (8.4M).
+THREAD_SHAPES = [(1, 384), (3, 401), (5, 7), (8, 33), (1001, 384), (1003, 385), (3001, 401)]
+THREAD_COUNTS = [1, 2, 3, 8, None]
+
+
+def _random_matrix(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    return rng.standard_normal((rows, cols)).astype(np.float32)
+
+
+def test_matvec_threads_give_the_bits_of_one_thread(tfidf_impl: ModuleType) -> None:
+    rng = np.random.default_rng(10)
+    for rows, cols in THREAD_SHAPES:
+        values = _random_matrix(rng, rows, cols)
+        v = rng.standard_normal(cols).astype(np.float32)
+        for name in kernels(tfidf_impl):
+            for layout, m in matrices(values):
+                want = tfidf_impl.matvec(m, v)
+                for threads in THREAD_COUNTS:
+                    got = tfidf_impl.matvec(m, v, threads=threads)
+                    np.testing.assert_array_equal(
+                        got, want, err_msg=f"{name} {rows}x{cols} {layout} threads={threads}"
+                    )
+
+
+def test_matvec_threads_past_the_caches(tfidf_impl: ModuleType) -> None:
+    # 8.4M elements: the one-row-at-a-time walk, chosen for the whole matrix, not per block.
+    rng = np.random.default_rng(11)
+    m = _random_matrix(rng, 21_000, 401)
+    v = rng.standard_normal(401).astype(np.float32)
+    for name in kernels(tfidf_impl):
+        want = tfidf_impl.matvec(m, v)
+        want_reversed = tfidf_impl.matvec(m[::-1], v)
+        for threads in (2, 3, 8):
+            np.testing.assert_array_equal(tfidf_impl.matvec(m, v, threads=threads), want, name)
+            got = tfidf_impl.matvec(m[::-1], v, threads=threads)
+            np.testing.assert_array_equal(got, want_reversed, name)
+        assert (np.abs(want - m @ v) <= 1e-3 * (np.abs(m) @ np.abs(v))).all(), name
+
+
+def test_matvec_threads_into_out_and_over_the_inputs(tfidf_impl: ModuleType) -> None:
+    rng = np.random.default_rng(12)
+    m = _random_matrix(rng, 1200, 1200)
+    v = rng.standard_normal(1200).astype(np.float32)
+    want = tfidf_impl.matvec(m, v)
+    for _ in kernels(tfidf_impl):
+        want = tfidf_impl.matvec(m, v)
+        out = np.full(1201, -1.0, dtype=np.float32)[1:]
+        assert tfidf_impl.matvec(m, v, out, threads=2) is out
+        np.testing.assert_array_equal(out, want)
+        row = m.copy()
+        tfidf_impl.matvec(row, v, out=row[5], threads=2)  # out is a row of the matrix
+        np.testing.assert_array_equal(row[5], want)
+        v_copy = v.copy()
+        tfidf_impl.matvec(m, v_copy, out=v_copy, threads=2)  # out is vec
+        np.testing.assert_array_equal(v_copy, want)
+
+
+def test_matvec_threads_from_concurrent_callers(tfidf_impl: ModuleType) -> None:
+    # One caller uses the pool at a time; the other computes on its own thread meanwhile.
+    # Neither may see the other's rows, whichever gets the pool.
+    rng = np.random.default_rng(13)
+    jobs = []
+    for rows, cols in [(3001, 401), (2003, 640), (1001, 384), (4096, 256)]:
+        m = _random_matrix(rng, rows, cols)
+        v = rng.standard_normal(cols).astype(np.float32)
+        jobs.append((m, v, tfidf_impl.matvec(m, v)))
+    barrier = threading.Barrier(len(jobs))
+
+    def hammer(job: tuple[np.ndarray, np.ndarray, np.ndarray]) -> int:
+        m, v, want = job
+        out = np.empty_like(want)
+        barrier.wait()
+        for i in range(150):
+            tfidf_impl.matvec(m, v, out, threads=2 + i % 3)
+            np.testing.assert_array_equal(out, want)
+        return 150
+
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        assert sum(pool.map(hammer, jobs)) == 150 * len(jobs)
+
+
+def _tasks() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+_POOL_SCRIPT = """
+import os, sys, threading
+import numpy as np
+import importlib
+impl = importlib.import_module(sys.argv[1])
+compiled = not impl.__name__.endswith("_py")
+cpus = len(os.sched_getaffinity(0))
+
+def tasks():
+    return len(os.listdir("/proc/self/task"))
+
+rng = np.random.default_rng(0)
+big = rng.standard_normal((3001, 401)).astype(np.float32)  # 1.2M elements: wakes workers
+small = big[:40]  # 16k elements: never shared
+v = rng.standard_normal(401).astype(np.float32)
+want = impl.matvec(big, v)
+want_reversed = impl.matvec(big[::-1], v)  # other groups of four rows: other bits
+base = tasks()
+impl.matvec(small, v, threads=8)
+assert tasks() == base, "a small matrix started workers"
+assert (impl.matvec(big, v, threads=2) == want).all()
+helpers = min(1, cpus - 1) if compiled else 0
+assert tasks() == base + helpers, (tasks(), base, helpers)
+assert (impl.matvec(big, v, threads=8) == want).all()
+helpers = min(7, cpus - 1) if compiled else 0
+assert tasks() == base + helpers, (tasks(), base, helpers)
+
+# Fork after the pool ran, and while another thread keeps using it: each child gets a pool of
+# its own, with no worker until it needs one.
+stop = threading.Event()
+
+def background():
+    out = np.empty_like(want)
+    while not stop.is_set():
+        impl.matvec(big, v, out, threads=2)
+        assert (out == want).all()
+
+thread = threading.Thread(target=background, daemon=True)
+thread.start()
+try:
+    for _ in range(5):
+        pid = os.fork()
+        if pid == 0:
+            checks = [
+                tasks() == 1,
+                (impl.matvec(big, v, threads=2) == want).all(),
+                tasks() == 1 + (min(1, cpus - 1) if compiled else 0),
+                (impl.matvec(big[::-1], v, threads=3) == want_reversed).all(),
+            ]
+            os._exit(0 if all(checks) else 1 + [bool(c) for c in checks].index(False))
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, ("child check failed", status)
+finally:
+    stop.set()
+    thread.join()
+assert (impl.matvec(big, v, threads=2) == want).all()
+print("ok")
+# Leaving with the workers parked (or still spinning) must not hang the exit.
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_matvec_pool_lifecycle_and_fork(tfidf_impl: ModuleType) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEFU_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    # One BLAS thread: OpenBLAS's own threads would not change the counts, but keep it quiet.
+    env["OPENBLAS_NUM_THREADS"] = "1"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "ignore::DeprecationWarning",
+            "-c",
+            _POOL_SCRIPT,
+            tfidf_impl.__name__,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_max_threads(tfidf_impl: ModuleType) -> None:
+    assert tfidf_impl.MAX_THREADS == 64
+    m = np.ones((5000, 300), dtype=np.float32)
+    v = np.ones(300, dtype=np.float32)
+    for threads in (64, 65, 10**30, np.int64(3)):
+        np.testing.assert_array_equal(tfidf_impl.matvec(m, v, threads=threads), 300.0)
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input: clear errors, never a silent cast.
 
 F32 = np.ones(4, dtype=np.float32)
@@ -414,6 +606,33 @@ def test_matvec_rejects_bad_input(
 ) -> None:
     with pytest.raises(error, match=match):
         tfidf_impl.matvec(*args)
+
+
+@pytest.mark.parametrize(
+    ("threads", "error", "match"),
+    [
+        (0, ValueError, "threads must be at least 1, got 0"),
+        (-2, ValueError, "threads must be at least 1, got -2"),
+        (-(10**30), ValueError, "threads must be at least 1"),
+        (True, TypeError, "threads must be an int or None, got bool"),
+        (False, TypeError, "threads must be an int or None, got bool"),
+        (2.0, TypeError, "threads must be an int or None, got float"),
+        ("2", TypeError, "threads must be an int or None, got str"),
+    ],
+)
+def test_matvec_rejects_bad_threads(
+    tfidf_impl: ModuleType, threads: Any, error: type, match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        tfidf_impl.matvec(M32, F32, threads=threads)
+    # threads is checked first, before the arrays.
+    with pytest.raises(error, match=match):
+        tfidf_impl.matvec(None, None, threads=threads)
+
+
+def test_matvec_threads_is_keyword_only(tfidf_impl: ModuleType) -> None:
+    with pytest.raises(TypeError):
+        tfidf_impl.matvec(M32, F32, None, 2)
 
 
 def test_matvec_rejects_a_row_stride_that_splits_floats(tfidf_impl: ModuleType) -> None:
