@@ -1,0 +1,1 @@
+"""The node's network fronts: WebSocket (:mod:`kefu.web.ws`, picows) and HTTP (aiohttp)."""

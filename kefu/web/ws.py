@@ -1,0 +1,867 @@
+"""The WebSocket front of one node: transport rules and limits, on picows and uvloop.
+
+This module knows nothing about conversations. It accepts connections on ``ws.path``, enforces
+RFC 6455 and the limits of ``PROTOCOL.md`` ("Errors and limits"), decodes frames with
+:mod:`kefu.protocol` and hands them to a :class:`FrameHandler` (the node).
+
+Decisions
+---------
+- **One frame at a time per connection.** A connection's frames are handled in arrival order,
+  each after the previous one's handler call returned: answers keep the order of the commands
+  (an ``error`` for a bad frame comes after the ``ack`` of the ``send`` before it), and the
+  node never sees two commands of one client at once. The inbox between the socket and the
+  handler is bounded (:data:`INBOX_FRAMES` frames, :data:`INBOX_BYTES` bytes); a command that
+  does not fit is refused like one over the token bucket (``rate_limited``, and it counts
+  towards the 4029 close). The worker task exists only while the inbox is not empty, so an
+  idle connection holds no task.
+- **Upgrade refusals are HTTP answers**: a path other than ``ws.path`` is 404, an ``Origin``
+  outside the allow-list 403, a node at ``max_connections`` (or stopping) 503 with
+  ``Retry-After``: cheaper than accepting and closing with 1013, and load balancers understand
+  it. No ``Origin`` header (non-browser clients) is allowed, as is any origin when the list is
+  empty.
+- **Subprotocol** ``kefu.msgpack``, when the client offers it, is selected: frames are then
+  binary MessagePack. Otherwise frames are text JSON, and a binary frame is answered with
+  ``error {code: "bad_frame"}``.
+- **Hello**: the first message must be a valid ``hello`` (else close 1008), and the welcome
+  must be sent within ``hello_timeout_s`` of the upgrade, authentication included (else 1008).
+  Frames pipelined after the hello wait in the inbox and are handled after the welcome. The
+  server fills the welcome's ``ping_interval_ms`` and ``max_msg_bytes`` from its config.
+- **Heartbeat**: the server sends a WS ping every ``ping_interval_s``; with no pong within
+  ``pong_timeout_s`` it fails the connection with close 1011 ("pong timeout") and drops the TCP
+  connection without waiting for the peer (it is presumed gone).
+- **Slow consumer**: frames go straight to the transport while it takes them. When its buffer
+  passes :data:`TRANSPORT_HIGH_WATER` (picows forwards ``pause_writing``), frames wait in the
+  connection's ``OutboundQueue`` until ``resume_writing``; a push past
+  ``outbound_limit_bytes`` closes with 4008 and drops the queue. Pongs answering client pings
+  are not queued: while writing is paused only the latest is kept (RFC 6455 section 5.5.3
+  allows answering the most recent ping only).
+- **Closing**: a close we start waits :data:`CLOSE_TIMEOUT_S` for the client's close frame,
+  then the TCP connection is aborted (a client that does not read would otherwise hold it until
+  TCP timeouts). For a protocol failure (RFC 6455 section 7.1.7) the server closes TCP right
+  after its close frame. Frames still queued when a close starts are dropped (live pushes are
+  at most once; resuming from the log completes them). On the client's close the server echoes
+  its code (1000 for an empty close frame) and closes TCP (section 7.1.1: the server closes
+  first).
+
+What picows 2.3.1 enforces, and what this module adds
+-----------------------------------------------------
+picows checks masking of client frames, unknown opcodes, fragmented control frames, control
+frames over 125 bytes, non-minimal length encodings, one frame over ``max_frame_size`` (set to
+``max_msg_bytes``: close 1009 from the header, before the payload is read), close frames with a
+1-byte payload, close codes below 3000 outside its enum, and close reasons that are not UTF-8
+(1007). This module adds: reserved bits (RSV1-3, no extension is negotiated: 1002); the
+fragmentation rules (continuation without a start, a new data frame inside a fragmented
+message: 1002); the size of a fragmented message, checked as fragments arrive (1009); UTF-8 of
+text messages, incrementally across fragments (1007); the close codes picows lets through
+(0 in a 2-byte payload, 1006, 5000 and above: 1002); the echo of a close; pongs (picows's
+automatic pong is off so that the checks above also apply to pings); the heartbeat (picows's
+auto-ping would close with 1001).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import logging
+import resource
+import ssl as ssl_module
+from collections import deque
+from collections.abc import Callable, Iterable, MutableMapping
+from http import HTTPStatus
+from typing import Any, Final, Protocol
+
+from picows import (
+    WSCloseCode,
+    WSFrame,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    WSUpgradeRequest,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
+    ws_create_server,
+)
+
+from kefu._core import mq
+from kefu.config import WsConfig
+from kefu.protocol import (
+    ClientFrame,
+    Error,
+    FrameDecoder,
+    Hello,
+    Ping,
+    Pong,
+    ProtocolError,
+    Welcome,
+    encode_json,
+    encode_msgpack,
+)
+from kefu.web.ratelimit import TokenBucket
+
+__all__ = [
+    "CLOSE_RATE_LIMITED",
+    "CLOSE_SLOW_CONSUMER",
+    "SUBPROTOCOL_MSGPACK",
+    "AuthError",
+    "Connection",
+    "FrameHandler",
+    "WsServer",
+    "raise_nofile_limit",
+]
+
+log = logging.getLogger("kefu.ws")
+
+SUBPROTOCOL_MSGPACK: Final = "kefu.msgpack"
+CLOSE_SLOW_CONSUMER: Final = 4008  # PROTOCOL.md: "slow consumer"
+CLOSE_RATE_LIMITED: Final = 4029  # PROTOCOL.md: the token bucket keeps refusing
+#: Commands waiting for the handler, per connection; beyond, the command is refused.
+INBOX_FRAMES: Final = 64
+#: Bytes of those commands; 16 messages of the default 64 KiB.
+INBOX_BYTES: Final = 1 << 20
+#: Transport buffer above which frames wait in the OutboundQueue (where they count against
+#: ``outbound_limit_bytes``); resume below the low water.
+TRANSPORT_HIGH_WATER: Final = 64 << 10
+TRANSPORT_LOW_WATER: Final = 16 << 10
+#: How long a close we started waits for the client's close frame before the TCP abort.
+CLOSE_TIMEOUT_S: Final = 5.0
+#: File descriptors kept for the rest of the process (store, HTTP listener, logs).
+FD_RESERVE: Final = 256
+#: RFC 6455 section 5.5: a control frame's payload is at most 125 bytes, 2 of them the code.
+_MAX_CLOSE_REASON_BYTES: Final = 123
+
+_BINARY_ON_JSON: Final = f"binary frames need subprotocol {SUBPROTOCOL_MSGPACK}"
+
+_TEXT: Final = WSMsgType.TEXT
+_BINARY: Final = WSMsgType.BINARY
+_CONT: Final = WSMsgType.CONTINUATION
+_PING: Final = WSMsgType.PING
+_PONG: Final = WSMsgType.PONG
+_CLOSE: Final = WSMsgType.CLOSE
+
+# Connection states.
+_HELLO: Final = 0  # waiting for the first message
+_AUTH: Final = 1  # hello received, authentication running
+_OPEN: Final = 2  # welcome sent
+_CLOSING: Final = 3  # a close frame was sent
+_CLOSED: Final = 4  # TCP connection gone
+
+
+def _valid_close_code(code: int) -> bool:
+    """RFC 6455 section 7.4: codes a peer may send in a close frame.
+
+    1004-1006 and 1015 are reserved (never sent), below 1000 and 1016-2999 unassigned, 5000
+    and above out of range. 1012-1014 are registered with IANA (service restart, try again
+    later, bad gateway), so they are accepted.
+    """
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def _close_payload_reason(reason: str) -> bytes:
+    """``reason`` as UTF-8, cut on a character boundary to fit a close frame."""
+    data = reason.encode()
+    if len(data) <= _MAX_CLOSE_REASON_BYTES:
+        return data
+    return data[:_MAX_CLOSE_REASON_BYTES].decode(errors="ignore").encode()
+
+
+_tags: dict[type, str] = {}
+
+
+def _tag(cls: type) -> str:
+    """The ``type`` a frame class is written with (cached: one dict lookup per frame)."""
+    tag = _tags.get(cls)
+    if tag is None:
+        tag = _tags[cls] = str(cls.__struct_config__.tag)  # type: ignore[attr-defined]
+    return tag
+
+
+class AuthError(Exception):
+    """Raised by :meth:`FrameHandler.authenticate` for a bad token: close 1008."""
+
+
+class FrameHandler(Protocol):
+    """What the WebSocket front calls; the node implements it.
+
+    Calls for one connection never overlap: each waits for the previous one to return.
+    """
+
+    async def authenticate(self, conn: Connection, hello: Hello) -> Welcome:
+        """Check ``hello.token``; raise :class:`AuthError` to refuse (close 1008).
+
+        The server sets ``ping_interval_ms`` and ``max_msg_bytes`` of the returned welcome,
+        sends it, and sets ``conn.role`` and ``conn.principal`` from it.
+        """
+        ...
+
+    async def on_ready(self, conn: Connection, hello: Hello) -> None:
+        """Called once right after the welcome was queued: replay ``hello.resume`` here."""
+        ...
+
+    async def on_frame(self, conn: Connection, frame: ClientFrame) -> None:
+        """One decoded command of an authenticated connection (never ``hello`` or ``ping``)."""
+        ...
+
+    def on_close(self, conn: Connection) -> None:
+        """The connection is gone. Called once for each connection that was welcomed, after
+        the last of its other handler calls returned."""
+        ...
+
+
+class _PicowsLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """picows's own lines, under ``kefu.ws.transport``.
+
+    picows logs every accepted and lost connection at INFO, and a client's framing error at
+    ERROR; at thousands of connections those are debug lines and client faults, not server
+    errors.
+    """
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level == logging.INFO:
+            level = logging.DEBUG
+        elif level == logging.ERROR and isinstance(msg, str) and msg.startswith("WS parser"):
+            level = logging.INFO
+        super().log(level, msg, *args, **kwargs)
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
+        return msg, kwargs
+
+
+class Connection(WSListener):
+    """One client connection: its state, limits and outgoing queue.
+
+    Public: ``id``, ``remote`` (``host:port``), ``msgpack`` (subprotocol ``kefu.msgpack``),
+    ``role`` and ``principal`` (from the welcome; ``None`` before), ``close_code`` (the code
+    the server sent, if any), :meth:`send`, :meth:`send_encoded`, :meth:`close`.
+    """
+
+    __slots__ = (
+        "_bucket",
+        "_close_timer",
+        "_decoder",
+        "_frag_op",
+        "_frag_parts",
+        "_frag_size",
+        "_frag_utf8",
+        "_hello_timer",
+        "_inbox",
+        "_inbox_bytes",
+        "_notify_close",
+        "_opcode",
+        "_out",
+        "_pending_pong",
+        "_ping_timer",
+        "_pong_timer",
+        "_refusals",
+        "_server",
+        "_state",
+        "_transport",
+        "_worker",
+        "_writing_paused",
+        "close_code",
+        "id",
+        "msgpack",
+        "principal",
+        "remote",
+        "role",
+    )
+
+    def __init__(self, server: WsServer, conn_id: int, msgpack: bool) -> None:
+        self._server = server
+        self.id = conn_id
+        self.msgpack = msgpack
+        self.remote = ""
+        self.role: str | None = None
+        self.principal: str | None = None
+        self.close_code: int | None = None
+        self._state = _HELLO
+        self._transport: WSTransport | None = None
+        self._opcode = _BINARY if msgpack else _TEXT
+        self._decoder = server._decoders[msgpack]
+        self._out = mq.OutboundQueue(server.config.outbound_limit_bytes)
+        self._writing_paused = False
+        self._pending_pong: bytes | None = None
+        self._frag_op: WSMsgType | None = None
+        self._frag_parts: list[Any] = []
+        self._frag_size = 0
+        self._frag_utf8: codecs.IncrementalDecoder | None = None
+        self._inbox: deque[tuple[ClientFrame | ProtocolError, int]] = deque()
+        self._inbox_bytes = 0
+        self._worker: asyncio.Task[None] | None = None
+        self._bucket: TokenBucket | None = None
+        self._refusals = 0
+        self._hello_timer: asyncio.TimerHandle | None = None
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._pong_timer: asyncio.TimerHandle | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._notify_close = False
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.id} {self.remote} role={self.role} principal={self.principal}>"
+
+    # -----------------------------------------------------------------------------------------
+    # Sending
+
+    @property
+    def closing(self) -> bool:
+        """Whether a close started (or the connection is gone): :meth:`send` is refused."""
+        return self._state >= _CLOSING
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes waiting in the outbound queue (the transport would not take them yet)."""
+        return int(self._out.nbytes)
+
+    def send(self, frame: Any) -> bool:
+        """Encodes ``frame`` for this connection and sends or queues it.
+
+        ``False`` when the connection is closing, or when the frame would take the queue past
+        ``outbound_limit_bytes``: the connection is then closed with 4008 ("slow consumer").
+        """
+        if self._state >= _CLOSING:
+            return False
+        data = encode_msgpack(frame) if self.msgpack else encode_json(frame)
+        if type(frame) is Error:
+            errors = self._server.errors
+            errors[frame.code] = errors.get(frame.code, 0) + 1
+        return self.send_encoded(data, _tag(type(frame)))
+
+    def send_encoded(self, data: bytes, kind: str) -> bool:
+        """Sends a frame already encoded for this connection's encoding (``msgpack``).
+
+        For fan-out: encode a frame once per encoding, send the bytes to every recipient.
+        ``kind`` is the frame's ``type``, for the counters. Same answer as :meth:`send`.
+        """
+        if self._state >= _CLOSING or self._transport is None:
+            return False
+        out = self._out
+        if self._writing_paused or out:
+            if out.push(data) == mq.PUSH_SLOW:
+                self._server.slow_consumer_closes += 1
+                log.info("conn %s: slow consumer, %d bytes queued", self.id, out.nbytes)
+                out.clear()
+                self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+                return False
+        else:
+            self._transport.send(self._opcode, data)
+        frames_out = self._server.frames_out
+        frames_out[kind] = frames_out.get(kind, 0) + 1
+        return True
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Starts the closing handshake with ``code``; the TCP connection is aborted if the
+        client has not answered within :data:`CLOSE_TIMEOUT_S`. Does nothing if closing."""
+        if self._state >= _CLOSING or self._transport is None:
+            return
+        self._state = _CLOSING
+        self.close_code = code
+        self._cancel_timers()
+        self._inbox.clear()
+        self._inbox_bytes = 0
+        self._frag_parts = []
+        self._out.clear()
+        self._transport.send_close(WSCloseCode(code), _close_payload_reason(reason))
+        loop = self._server._loop
+        self._close_timer = loop.call_later(self._server.close_timeout_s, self._abort)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """RFC 6455 section 7.1.7, "Fail the WebSocket Connection": close frame, then TCP."""
+        log.info("conn %s: failing with %d (%s)", self.id, code, reason)
+        self.close(code, reason)
+        if self._transport is not None:
+            self._transport.disconnect(graceful=True)
+
+    def _abort(self) -> None:
+        self._close_timer = None
+        if self._transport is not None and not self._transport.is_disconnected:
+            self._transport.disconnect(graceful=False)
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._hello_timer, self._ping_timer, self._pong_timer):
+            if timer is not None:
+                timer.cancel()
+        self._hello_timer = self._ping_timer = self._pong_timer = None
+
+    # -----------------------------------------------------------------------------------------
+    # picows callbacks
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self._transport = transport
+        server = self._server
+        loop = server._loop
+        underlying = transport.underlying_transport
+        peer = underlying.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.remote = f"{peer[0]}:{peer[1]}"
+        underlying.set_write_buffer_limits(high=TRANSPORT_HIGH_WATER, low=TRANSPORT_LOW_WATER)
+        rate = server.config.rate
+        self._bucket = TokenBucket(rate.per_second, rate.burst, loop.time())
+        self._hello_timer = loop.call_later(server.config.hello_timeout_s, self._hello_expired)
+        self._ping_timer = loop.call_later(server.config.ping_interval_s, self._send_ping)
+        server._register(self)
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self._state = _CLOSED
+        self._cancel_timers()
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        self._inbox.clear()
+        self._out.clear()
+        self._server._unregister(self, transport)
+        if self.role is not None:
+            if self._worker is None:
+                self._server._notify_closed(self)
+            else:
+                self._notify_close = True  # the worker calls on_close when its call returns
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        transport = self._transport
+        if transport is None or self._state >= _CLOSING:
+            return
+        if self._pending_pong is not None:
+            transport.send_pong(self._pending_pong)
+            self._pending_pong = None
+        out = self._out
+        opcode = self._opcode
+        while out and not self._writing_paused:
+            for data in out.pop_many(TRANSPORT_HIGH_WATER):
+                transport.send(opcode, data)
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        try:
+            self._on_frame(frame)
+        except Exception:
+            log.exception("conn %s: failure while reading a frame", self.id)
+            self._fail(1011, "internal error")
+
+    # -----------------------------------------------------------------------------------------
+    # Reading
+
+    def _on_frame(self, frame: WSFrame) -> None:
+        op = frame.msg_type
+        if self._state >= _CLOSING:
+            # RFC 6455 section 5.5.1: after sending a close, only the peer's close matters.
+            if op is _CLOSE and self._transport is not None:
+                self._transport.disconnect(graceful=True)
+            return
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            # Section 5.2: nonzero RSV bits without a negotiated extension fail the connection.
+            self._fail(1002, "reserved bits set")
+            return
+        if op is _TEXT or op is _BINARY:
+            if self._frag_op is not None:
+                # Section 5.4: a fragmented message must end before the next message starts.
+                self._fail(1002, "new message inside a fragmented message")
+                return
+            if frame.fin:
+                data = frame.get_payload_as_bytes()
+                if op is _TEXT and not data.isascii():
+                    try:
+                        data.decode()
+                    except UnicodeDecodeError:
+                        self._fail(1007, "text frame is not valid UTF-8")  # section 8.1
+                        return
+                self._on_message(op is _BINARY, data)
+            else:
+                self._frag_op = op
+                self._frag_size = 0
+                self._frag_parts = []
+                self._frag_utf8 = codecs.getincrementaldecoder("utf-8")() if op is _TEXT else None
+                self._add_fragment(frame)
+        elif op is _CONT:
+            if self._frag_op is None:
+                self._fail(1002, "continuation frame without a message to continue")
+                return
+            self._add_fragment(frame)
+        elif op is _PING:
+            payload = frame.get_payload_as_bytes()
+            if self._writing_paused:
+                self._pending_pong = payload
+            elif self._transport is not None:
+                self._transport.send_pong(payload)
+        elif op is _PONG:
+            # Section 5.5.3: an unsolicited pong is allowed and needs no answer.
+            if self._pong_timer is not None:
+                self._pong_timer.cancel()
+                self._pong_timer = None
+        elif op is _CLOSE:
+            self._on_close_frame(frame)
+
+    def _add_fragment(self, frame: WSFrame) -> None:
+        size = self._frag_size + frame.payload_size
+        if size > self._server.config.max_msg_bytes:
+            # PROTOCOL.md: a message over max_msg_bytes closes with 1009, checked per fragment
+            # so that no more than the limit is ever buffered.
+            self._fail(1009, "message too big")
+            return
+        self._frag_size = size
+        data = frame.get_payload_as_bytes()
+        utf8 = self._frag_utf8
+        if utf8 is not None:
+            try:
+                # Incremental: an invalid sequence fails at the fragment that holds it.
+                self._frag_parts.append(utf8.decode(data, frame.fin))
+            except UnicodeDecodeError:
+                self._fail(1007, "text message is not valid UTF-8")
+                return
+        else:
+            self._frag_parts.append(data)
+        if frame.fin:
+            binary = self._frag_op is _BINARY
+            parts = self._frag_parts
+            self._frag_op = None
+            self._frag_parts = []
+            self._frag_utf8 = None
+            self._on_message(binary, b"".join(parts) if binary else "".join(parts))
+
+    def _on_close_frame(self, frame: WSFrame) -> None:
+        payload = frame.get_payload_as_bytes()
+        if not payload:
+            code = 1000  # section 7.1.5: no status code received; answer a normal close
+        else:
+            code = int.from_bytes(payload[:2], "big")
+            if not _valid_close_code(code):
+                self._fail(1002, "invalid close code")
+                return
+        if self._transport is not None:
+            self.close(code)
+            self._transport.disconnect(graceful=True)
+
+    def _on_message(self, binary: bool, data: bytes | str) -> None:
+        server = self._server
+        bucket = self._bucket
+        if bucket is not None and not bucket.take(server._loop.time()):
+            self._refuse("rate limit exceeded")
+            return
+        self._refusals = 0
+        item: ClientFrame | ProtocolError
+        if binary and not self.msgpack:
+            item = ProtocolError("bad_frame", _BINARY_ON_JSON)
+        else:
+            try:
+                item = self._decoder.decode(data)
+            except ProtocolError as exc:
+                item = exc
+            else:
+                tag = _tag(type(item))
+                server.frames_in[tag] = server.frames_in.get(tag, 0) + 1
+        if self._state == _HELLO:
+            if type(item) is not Hello:
+                # PROTOCOL.md: no valid hello first closes with 1008.
+                self.close(1008, "the first frame must be a valid hello")
+                return
+            self._state = _AUTH
+        size = len(data)
+        if len(self._inbox) >= INBOX_FRAMES or self._inbox_bytes + size > INBOX_BYTES:
+            self._refuse("too many commands in flight")
+            return
+        self._inbox.append((item, size))
+        self._inbox_bytes += size
+        if self._worker is None:
+            self._worker = server._loop.create_task(self._drain())
+
+    def _refuse(self, message: str) -> None:
+        """A command over the budget: ``rate_limited``, and 4029 if refusals go on."""
+        self._refusals += 1
+        if self._refusals >= self._server.config.rate_close_after:
+            self._server.rate_limit_closes += 1
+            self.close(CLOSE_RATE_LIMITED, "rate limited")
+        else:
+            self.send(Error(code="rate_limited", message=message))
+
+    # -----------------------------------------------------------------------------------------
+    # Handling, one frame at a time
+
+    async def _drain(self) -> None:
+        inbox = self._inbox
+        try:
+            while inbox and self._state < _CLOSING:
+                item, size = inbox.popleft()
+                self._inbox_bytes -= size
+                await self._dispatch(item)
+        finally:
+            self._worker = None
+            if self._notify_close:
+                self._notify_close = False
+                self._server._notify_closed(self)
+
+    async def _dispatch(self, item: ClientFrame | ProtocolError) -> None:
+        if isinstance(item, ProtocolError):
+            self.send(item.to_frame())
+        elif isinstance(item, Ping):
+            self.send(Pong())
+        elif isinstance(item, Hello):
+            if self._state == _AUTH:
+                await self._authenticate(item)
+            else:
+                self.send(Error(code="invalid", message="already authenticated", ref="hello"))
+        else:
+            try:
+                await self._server.handler.on_frame(self, item)
+            except Exception:
+                tag = _tag(type(item))
+                log.exception("conn %s: handler failed on %s", self.id, tag)
+                self.send(Error(code="internal", message="internal error", ref=tag))
+
+    async def _authenticate(self, hello: Hello) -> None:
+        server = self._server
+        try:
+            welcome = await server.handler.authenticate(self, hello)
+        except AuthError as exc:
+            server.auth_failures += 1
+            self.close(1008, str(exc) or "authentication failed")  # PROTOCOL.md: bad token
+            return
+        except Exception:
+            log.exception("conn %s: authentication failed with an error", self.id)
+            self.close(1011, "internal error")
+            return
+        if self._state != _AUTH:
+            return  # closed while authenticating (hello timeout, client gone)
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+        welcome.ping_interval_ms = round(server.config.ping_interval_s * 1000)
+        welcome.max_msg_bytes = server.config.max_msg_bytes
+        self.role = welcome.role
+        self.principal = welcome.id
+        self._state = _OPEN
+        self.send(welcome)
+        try:
+            await server.handler.on_ready(self, hello)
+        except Exception:
+            log.exception("conn %s: handler failed after the welcome", self.id)
+
+    # -----------------------------------------------------------------------------------------
+    # Timers
+
+    def _hello_expired(self) -> None:
+        self._hello_timer = None
+        if self._state < _OPEN:
+            self._server.hello_timeouts += 1
+            self.close(1008, "no valid hello in time")  # PROTOCOL.md: within 10 s
+
+    def _send_ping(self) -> None:
+        server = self._server
+        self._ping_timer = server._loop.call_later(server.config.ping_interval_s, self._send_ping)
+        if self._pong_timer is not None or self._transport is None:
+            return  # still waiting for the previous pong
+        self._transport.send_ping()
+        self._pong_timer = server._loop.call_later(server.config.pong_timeout_s, self._pong_missed)
+
+    def _pong_missed(self) -> None:
+        self._pong_timer = None
+        self._server.pong_timeouts += 1
+        self._fail(1011, "pong timeout")
+        self._abort()  # the peer is presumed gone: do not wait for it to read the close
+
+
+class WsServer:
+    """The WebSocket listener of one node: ``await start()``, ``await stop()``.
+
+    ``allowed_origins`` is the config's top-level ``allowed_origins`` (empty: every origin).
+    Counters are attributes; :meth:`stats` returns them as one dict for the metrics.
+    """
+
+    def __init__(
+        self,
+        config: WsConfig,
+        handler: FrameHandler,
+        *,
+        ssl: ssl_module.SSLContext | None = None,
+        allowed_origins: Iterable[str] = (),
+        close_timeout_s: float = CLOSE_TIMEOUT_S,
+    ) -> None:
+        self.config = config
+        self.handler = handler
+        self.close_timeout_s = close_timeout_s
+        self._ssl = ssl
+        self._origins = frozenset(o.lower().rstrip("/") for o in allowed_origins)
+        self._path = config.path.encode()
+        self._decoders = {False: FrameDecoder(msgpack=False), True: FrameDecoder(msgpack=True)}
+        self._conns: dict[int, Connection] = {}
+        self._next_id = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._stopping = False
+        self._all_closed: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.capacity = 0
+        # Counters
+        self.connections_total = 0
+        self.refused: dict[str, int] = {"path": 0, "origin": 0, "capacity": 0}
+        self.frames_in: dict[str, int] = {}
+        self.frames_out: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        self.closes_sent: dict[int, int] = {}
+        self.slow_consumer_closes = 0
+        self.rate_limit_closes = 0
+        self.hello_timeouts = 0
+        self.pong_timeouts = 0
+        self.auth_failures = 0
+
+    # -----------------------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with ``port: 0``)."""
+        if self._server is None:
+            raise RuntimeError("the server is not started")
+        sockets = self._server.sockets  # type: ignore[attr-defined]
+        return int(sockets[0].getsockname()[1])
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "connections_open": len(self._conns),
+            "connections_total": self.connections_total,
+            "capacity": self.capacity,
+            "refused": dict(self.refused),
+            "frames_in": dict(self.frames_in),
+            "frames_out": dict(self.frames_out),
+            "errors": dict(self.errors),
+            "closes_sent": dict(self.closes_sent),
+            "slow_consumer_closes": self.slow_consumer_closes,
+            "rate_limit_closes": self.rate_limit_closes,
+            "hello_timeouts": self.hello_timeouts,
+            "pong_timeouts": self.pong_timeouts,
+            "auth_failures": self.auth_failures,
+        }
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        limit = raise_nofile_limit()
+        self.capacity = max(limit - FD_RESERVE, 0)
+        config = self.config
+        self._server = await ws_create_server(
+            self._accept,
+            config.host,
+            config.port,
+            ssl=self._ssl,
+            max_frame_size=config.max_msg_bytes,
+            enable_auto_ping=False,
+            enable_auto_pong=False,
+            logger_name=_PicowsLog(logging.getLogger("kefu.ws.transport"), {}),
+            backlog=1024,
+        )
+        log.info(
+            "WebSocket on %s:%d%s; open files limit %d: room for about %d connections "
+            "(max_connections %d)",
+            config.host,
+            self.port,
+            config.path,
+            limit,
+            self.capacity,
+            config.max_connections,
+        )
+        if config.max_connections > self.capacity:
+            log.warning(
+                "max_connections (%d) is above what the open files limit allows (%d)",
+                config.max_connections,
+                self.capacity,
+            )
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stops accepting, closes every connection with 1001, waits at most ``timeout``."""
+        if self._server is None or self._stopping:
+            return
+        self._stopping = True
+        self._server.close()
+        self._all_closed = asyncio.Event()
+        for conn in list(self._conns.values()):
+            conn.close(1001, "going away")
+        if self._conns:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), timeout)
+        for conn in list(self._conns.values()):
+            conn._abort()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        log.info("WebSocket server stopped (%d connections served)", self.connections_total)
+
+    # -----------------------------------------------------------------------------------------
+
+    def _accept(
+        self, request: WSUpgradeRequest
+    ) -> WSListener | WSUpgradeResponseWithListener | None:
+        if request.path.split(b"?", 1)[0] != self._path:
+            self.refused["path"] += 1
+            return None  # picows answers 404
+        origin = request.headers.get("Origin")
+        if origin is not None and self._origins and origin.lower().rstrip("/") not in self._origins:
+            # PROTOCOL.md: an Origin not in allowed_origins is 403 at the upgrade.
+            self.refused["origin"] += 1
+            return _refusal(HTTPStatus.FORBIDDEN, b"origin not allowed")
+        if self._stopping or len(self._conns) >= self.config.max_connections:
+            self.refused["capacity"] += 1
+            return _refusal(HTTPStatus.SERVICE_UNAVAILABLE, b"too many connections", retry=True)
+        offered = {
+            p.strip()
+            for value in request.headers.getall("Sec-WebSocket-Protocol", [])
+            for p in value.split(",")
+        }
+        msgpack = SUBPROTOCOL_MSGPACK in offered
+        self._next_id += 1
+        conn = Connection(self, self._next_id, msgpack)
+        if not msgpack:
+            return conn
+        response = WSUpgradeResponse.create_101_response(
+            extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL_MSGPACK}
+        )
+        return WSUpgradeResponseWithListener(response, conn)
+
+    def _register(self, conn: Connection) -> None:
+        self._conns[conn.id] = conn
+        self.connections_total += 1
+        if self._stopping:
+            conn.close(1001, "going away")
+
+    def _unregister(self, conn: Connection, transport: WSTransport) -> None:
+        self._conns.pop(conn.id, None)
+        handshake = transport.close_handshake
+        if handshake is not None and handshake.sent is not None:
+            code = int(handshake.sent.code.value)
+            self.closes_sent[code] = self.closes_sent.get(code, 0) + 1
+        if not self._conns and self._all_closed is not None:
+            self._all_closed.set()
+
+    def _notify_closed(self, conn: Connection) -> None:
+        try:
+            self.handler.on_close(conn)
+        except Exception:
+            log.exception("conn %s: handler failed on close", conn.id)
+
+
+def _refusal(
+    status: HTTPStatus, body: bytes, *, retry: bool = False
+) -> WSUpgradeResponseWithListener:
+    headers = {"Retry-After": "5"} if retry else None
+    response = WSUpgradeResponse.create_error_response(status, body, extra_headers=headers)
+    return WSUpgradeResponseWithListener(response, None)
+
+
+def raise_nofile_limit(
+    getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit,
+    setrlimit: Callable[[int, tuple[int, int]], None] = resource.setrlimit,
+) -> int:
+    """Raises the soft RLIMIT_NOFILE to the hard limit; returns the soft limit in force.
+
+    Each connection holds one file descriptor, and the usual soft limit (1024) would cap the
+    node far below ``max_connections``. An unlimited hard limit is capped at 2**20 (Linux
+    refuses a soft limit above ``fs.nr_open``, 2**20 by default).
+    """
+    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, target, exc)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
