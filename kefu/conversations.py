@@ -56,10 +56,11 @@ Metrics: :meth:`Conversations.stats`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any, ClassVar, Final, Literal, TypeAlias, cast
+from typing import Any, Final, Literal, TypeAlias, cast
 
 import msgspec
 
+from kefu.errors import KefuError
 from kefu.routing import Assign, Effect, PositionChanged, Queue, Requeue, Unassign
 from kefu.store import CONVERSATION_STATUSES, StoredConversation
 
@@ -113,10 +114,10 @@ _ALLOWED: Final[dict[str, frozenset[str]]] = {
 # Errors: each carries the snake_case code the node puts in its error frame or body.
 
 
-class ConversationError(Exception):
+class ConversationError(KefuError):
     """A conversation operation was refused; nothing changed."""
 
-    code: ClassVar[str] = "conversation_error"
+    code = "conversation_error"
 
 
 class TooManyConversations(ConversationError):
@@ -129,9 +130,6 @@ class ConversationClosed(ConversationError):
 
 class UnknownConversation(ConversationError, KeyError):
     code = "not_found"
-
-    def __str__(self) -> str:  # KeyError would print the repr of its argument
-        return str(self.args[0]) if self.args else ""
 
 
 class InvalidTransition(ConversationError):

@@ -72,6 +72,8 @@ from typing import Annotated, Any, Final, Literal, TypeAlias, TypeVar
 import msgspec
 from msgspec import Meta, Struct, field
 
+from kefu.errors import KefuError
+
 __all__ = [
     "AGENT_ID_PATTERN",
     "CLIENT_FRAME_TYPES",
@@ -733,7 +735,7 @@ _MAX_REF_CHARS: Final = 64
 _MAX_ECHO_CHARS: Final = 64
 
 
-class ProtocolError(Exception):
+class ProtocolError(KefuError):
     """A frame or body the server refuses; ``code`` is PROTOCOL.md's error code."""
 
     def __init__(self, code: str, message: str, ref: str | None = None) -> None:

@@ -72,11 +72,12 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, ClassVar, Final, Literal, TypeAlias
+from typing import TYPE_CHECKING, Final, Literal, TypeAlias
 
 import msgspec
 
 from kefu._core import router as _router
+from kefu.errors import KefuError
 
 if TYPE_CHECKING:
     from kefu._core.router import Router
@@ -118,10 +119,10 @@ DEFAULT_MAX_AGENTS: Final = 10_000  # the config's bound on its agents list
 # Errors: each carries the snake_case code the node puts in its error frame or body.
 
 
-class RoutingError(Exception):
+class RoutingError(KefuError):
     """A routing operation was refused; nothing changed."""
 
-    code: ClassVar[str] = "routing_error"
+    code = "routing_error"
 
 
 class QueueFull(RoutingError):
@@ -138,9 +139,6 @@ class AgentUnavailable(RoutingError):
 
 class UnknownAgent(RoutingError, KeyError):
     code = "unknown_agent"
-
-    def __str__(self) -> str:  # KeyError would print the repr of its argument
-        return str(self.args[0]) if self.args else ""
 
 
 class UnknownGroup(RoutingError):

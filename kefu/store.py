@@ -117,6 +117,8 @@ from rocksdict import (
     WriteOptions,
 )
 
+from kefu.errors import KefuError
+
 __all__ = [
     "HISTORY_MAX_LIMIT",
     "MAX_CLIENT_MSG_ID_BYTES",
@@ -173,16 +175,22 @@ _CONV_ID_RE = re.compile(r"[0-9a-f]{16}")
 _SCHEMA_KEY: Final = _P_META + b"schema_version"
 
 
-class StoreError(Exception):
+class StoreError(KefuError):
     """A store operation failed."""
+
+    code = "store_error"
 
 
 class StoreBusy(StoreError):
     """The write budget is used up; nothing was enqueued. Retry later or refuse the request."""
 
+    code = "busy"
+
 
 class StoreUnavailable(StoreError):
     """The store is closed, or an earlier write failed and the node must restart."""
+
+    code = "unavailable"
 
 
 # ---------------------------------------------------------------------------------------------
