@@ -374,8 +374,8 @@ def test_secrets_are_never_echoed(tmp_path: Path) -> None:
     assert "put it in quotes" in str(err)
     err = _refused(tmp_path, "", env={"KEFU_REDIS_URL": "http://user:hunter2@redis"})
     assert err.key == "cluster.redis_url" and "hunter2" not in str(err)
-    err = _refused(tmp_path, "agents: [{id: a, name: A, token: 42}]")
-    assert err.key == "agents[0].token" and "42" not in str(err)
+    err = _refused(tmp_path, "agents: [{id: a, name: A, token: 918273645}]")
+    assert err.key == "agents[0].token" and "918273645" not in str(err)
 
 
 # ---------------------------------------------------------------------------------------------
