@@ -1,0 +1,330 @@
+"""The node end to end: a real Node on a loopback port (ws port 0, data in tmp_path), clients
+from the ``websockets`` library, every test bounded by a timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import uvloop
+from websockets.asyncio.client import ClientConnection, connect
+
+from kefu.config import AgentConfig, BotConfig, Config, WsConfig
+from kefu.node import Node
+from kefu.store import parse_conv_id
+
+TIMEOUT = 20.0
+RECV_TIMEOUT = 5.0
+AGENT_TOKEN = "agent-token"
+
+
+def run(test: Callable[[], Awaitable[None]], timeout: float = TIMEOUT) -> None:
+    async def bounded() -> None:
+        await asyncio.wait_for(test(), timeout)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(bounded())
+
+
+def make_config(data_dir: Path) -> Config:
+    return Config(
+        data_dir=str(data_dir),
+        ws=WsConfig(host="127.0.0.1", port=0),
+        agents=[AgentConfig(id="alice", name="Alice", token=AGENT_TOKEN, max_chats=2)],
+        bot=BotConfig(enabled=False),
+    )
+
+
+async def recv(ws: ClientConnection, kind: str | None = None) -> dict[str, Any]:
+    """The next frame (of type ``kind``, skipping others when given)."""
+    while True:
+        raw = await asyncio.wait_for(ws.recv(), RECV_TIMEOUT)
+        frame: dict[str, Any] = json.loads(raw)
+        if kind is None or frame["type"] == kind:
+            return frame
+
+
+async def send(ws: ClientConnection, **frame: Any) -> None:
+    await ws.send(json.dumps(frame))
+
+
+async def hello(
+    node: Node, token: str, resume: list[dict[str, Any]] | None = None
+) -> tuple[ClientConnection, dict[str, Any]]:
+    ws = await connect(f"ws://127.0.0.1:{node.ws_port}/ws")
+    frame: dict[str, Any] = {"type": "hello", "token": token}
+    if resume is not None:
+        frame["resume"] = resume
+    await send(ws, **frame)
+    welcome = await recv(ws)
+    assert welcome["type"] == "welcome", welcome
+    return ws, welcome
+
+
+async def online_agent(node: Node) -> ClientConnection:
+    ws, welcome = await hello(node, AGENT_TOKEN)
+    assert welcome["role"] == "agent" and welcome["id"] == "alice"
+    await send(ws, type="status", status="online")
+    assert await recv(ws) == {"type": "status", "status": "online"}
+    return ws
+
+
+async def say(ws: ClientConnection, conv: str, cid: str, text: str) -> dict[str, Any]:
+    await send(ws, type="send", conv=conv, client_msg_id=cid, text=text)
+    return await recv(ws, "ack")
+
+
+async def history(ws: ClientConnection, conv: str) -> dict[str, Any]:
+    await send(ws, type="sync", conv=conv, after=0, limit=100)
+    return await recv(ws, "history")
+
+
+async def chat_with_agent(node: Node) -> tuple[ClientConnection, ClientConnection, str]:
+    agent = await online_agent(node)
+    conv, _visitor_id, token, status, created = await node.create_chat(name="Bob")
+    assert created and status == "assigned"
+    assigned = await recv(agent)
+    assert assigned["type"] == "assigned" and assigned["conv"] == conv
+    assert assigned["agent"] == {"id": "alice", "name": "Alice"}
+    visitor, welcome = await hello(node, token)
+    assert welcome["role"] == "visitor"
+    assert welcome["convs"] == [{"conv": conv, "epoch": 1, "top_seq": 0, "status": "assigned"}]
+    return agent, visitor, conv
+
+
+def test_visitor_and_agent_talk(tmp_path: Path) -> None:
+    async def body() -> None:
+        node = Node(make_config(tmp_path))
+        await node.start()
+        try:
+            agent, visitor, conv = await chat_with_agent(node)
+            ack = await say(visitor, conv, "c1", "hello")
+            assert (ack["seq"], ack["dup"], ack["conv"], ack["client_msg_id"]) == (
+                1,
+                False,
+                conv,
+                "c1",
+            )
+            msg = await recv(agent, "msg")
+            assert msg["seq"] == 1 and msg["text"] == "hello" and msg["epoch"] == 1
+            assert msg["from"]["role"] == "visitor" and msg["ts"] == ack["ts"]
+            ack = await say(agent, conv, "a1", "hi, how can I help?")
+            assert ack["seq"] == 2 and ack["dup"] is False
+            assert (await recv(visitor, "msg"))["seq"] == 1  # every participant connection
+            msg = await recv(visitor, "msg")
+            assert msg["seq"] == 2 and msg["from"] == {
+                "role": "agent",
+                "id": "alice",
+                "name": "Alice",
+            }
+            await agent.close()
+            await visitor.close()
+        finally:
+            await node.stop()
+
+    run(body)
+
+
+def test_duplicate_client_msg_id(tmp_path: Path) -> None:
+    async def body() -> None:
+        node = Node(make_config(tmp_path))
+        await node.start()
+        try:
+            agent, visitor, conv = await chat_with_agent(node)
+            first = await say(visitor, conv, "same", "once")
+            again = await say(visitor, conv, "same", "once")
+            assert first["dup"] is False and again["dup"] is True
+            assert again["seq"] == first["seq"] == 1 and again["ts"] == first["ts"]
+            hist = await history(visitor, conv)
+            assert [m["seq"] for m in hist["messages"]] == [1] and hist["more"] is False
+            assert (await say(visitor, conv, "other", "twice"))["seq"] == 2
+            await agent.close()
+            await visitor.close()
+        finally:
+            await node.stop()
+
+    run(body)
+
+
+def test_resume_replays_missed_messages(tmp_path: Path) -> None:
+    async def body() -> None:
+        node = Node(make_config(tmp_path))
+        await node.start()
+        try:
+            agent, visitor, conv = await chat_with_agent(node)
+            assert (await say(visitor, conv, "v1", "first"))["seq"] == 1
+            await visitor.close()
+            for i in range(3):
+                assert (await say(agent, conv, f"a{i}", f"reply {i}"))["seq"] == i + 2
+            visitor, welcome = await hello(
+                node, token_of(node, conv), [{"conv": conv, "epoch": 1, "last_seq": 1}]
+            )
+            assert welcome["convs"][0]["top_seq"] == 4
+            got = [await recv(visitor) for _ in range(4)]
+            assert [f["type"] for f in got] == ["msg", "msg", "msg", "resumed"]
+            assert [f["seq"] for f in got[:3]] == [2, 3, 4]
+            assert got[3] == {"type": "resumed", "conv": conv, "from_seq": 2, "to_seq": 4}
+            # nothing missed: an empty range; a wrong epoch: not recovered
+            again, _ = await hello(
+                node,
+                token_of(node, conv),
+                [{"conv": conv, "epoch": 1, "last_seq": 4}],
+            )
+            assert await recv(again) == {
+                "type": "resumed",
+                "conv": conv,
+                "from_seq": 5,
+                "to_seq": 4,
+            }
+            other, _ = await hello(
+                node, token_of(node, conv), [{"conv": conv, "epoch": 7, "last_seq": 1}]
+            )
+            assert await recv(other) == {"type": "resumed", "conv": conv, "recovered": False}
+            # live delivery still reaches the resumed connection
+            await say(agent, conv, "a9", "live")
+            assert (await recv(visitor, "msg"))["seq"] == 5
+            for ws in (agent, visitor, again, other):
+                await ws.close()
+        finally:
+            await node.stop()
+
+    run(body)
+
+
+def token_of(node: Node, conv: str) -> str:
+    """A fresh visitor token for ``conv`` (what create_chat hands out)."""
+    state = node.conversations.get(parse_conv_id(conv))
+    assert state is not None
+    return node.signer.issue("visitor", state.visitor_id, 3600, extra={"conv": conv})
+
+
+def test_restart_continues_seq_and_history(tmp_path: Path) -> None:
+    async def body() -> None:
+        node = Node(make_config(tmp_path))
+        await node.start()
+        try:
+            agent, visitor, conv = await chat_with_agent(node)
+            await say(visitor, conv, "v1", "one")
+            await say(agent, conv, "a1", "two")
+            await say(visitor, conv, "v2", "three")
+            token = token_of(node, conv)
+            await agent.close()
+            await visitor.close()
+        finally:
+            await node.stop()
+
+        node = Node(make_config(tmp_path))
+        await node.start()
+        try:
+            assert node.signer.verify(token, "visitor").extra["conv"] == conv  # secret kept
+            agent = await online_agent(node)
+            visitor, welcome = await hello(node, token)
+            assert welcome["convs"] == [
+                {"conv": conv, "epoch": 1, "top_seq": 3, "status": "assigned"}
+            ]
+            ack = await say(visitor, conv, "v3", "four")
+            assert ack["seq"] == 4 and ack["dup"] is False
+            assert (await recv(agent, "msg"))["seq"] == 4
+            dup = await say(visitor, conv, "v2", "three")  # dedup survives the restart
+            assert dup["seq"] == 3 and dup["dup"] is True
+            hist = await history(visitor, conv)
+            assert [m["text"] for m in hist["messages"]] == ["one", "two", "three", "four"]
+            # resume after the restart: the ring is new, the store fills in
+            late, _ = await hello(node, token, [{"conv": conv, "epoch": 1, "last_seq": 1}])
+            got = [await recv(late) for _ in range(4)]
+            assert [f.get("seq") for f in got[:3]] == [2, 3, 4]
+            assert got[3] == {"type": "resumed", "conv": conv, "from_seq": 2, "to_seq": 4}
+            await late.close()
+            await agent.close()
+            await visitor.close()
+        finally:
+            await node.stop()
+
+    run(body)
+
+
+def test_forbidden_conversation(tmp_path: Path) -> None:
+    async def body() -> None:
+        node = Node(make_config(tmp_path))
+        await node.start()
+        try:
+            agent, visitor, conv = await chat_with_agent(node)
+            other, _v, other_token, _s, _created = await node.create_chat()
+            intruder, welcome = await hello(node, other_token)
+            assert [c["conv"] for c in welcome["convs"]] == [other]
+            await send(intruder, type="send", conv=conv, client_msg_id="x1", text="boo")
+            err = await recv(intruder)
+            assert err["type"] == "error" and err["code"] == "forbidden" and err["ref"] == "x1"
+            await send(intruder, type="sync", conv=conv, after=0, limit=10)
+            assert (await recv(intruder))["code"] == "forbidden"
+            await send(intruder, type="status", status="online")
+            assert (await recv(intruder))["code"] == "forbidden"
+            ack = await say(intruder, other, "x2", "my own conversation")  # still works
+            assert ack["seq"] == 1 and ack["dup"] is False
+            assert (await history(visitor, conv))["messages"] == []
+            assert (await recv(intruder, "msg"))["seq"] == 1
+            await send(intruder, type="ping")
+            assert (await recv(intruder))["type"] == "pong"
+            for ws in (agent, visitor, intruder):
+                await ws.close()
+        finally:
+            await node.stop()
+
+    run(body)
+
+
+def test_bad_token_is_refused(tmp_path: Path) -> None:
+    async def body() -> None:
+        node = Node(make_config(tmp_path))
+        await node.start()
+        try:
+            ws = await connect(f"ws://127.0.0.1:{node.ws_port}/ws")
+            await send(ws, type="hello", token="not-a-token")
+            await asyncio.wait_for(ws.wait_closed(), RECV_TIMEOUT)
+            assert ws.close_code == 1008
+        finally:
+            await node.stop()
+
+    run(body)
+
+
+def test_close_and_queue(tmp_path: Path) -> None:
+    async def body() -> None:
+        node = Node(make_config(tmp_path))
+        await node.start()
+        try:
+            agent = await online_agent(node)
+            convs = []
+            for _ in range(3):  # max_chats 2: the third waits in line
+                conv, _v, token, status, _created = await node.create_chat()
+                convs.append((conv, token, status))
+            assert [s for _c, _t, s in convs] == ["assigned", "assigned", "queued"]
+            first_conv, first_token = convs[0][0], convs[0][1]
+            third_conv, third_token = convs[2][0], convs[2][1]
+            third, welcome = await hello(node, third_token)
+            assert welcome["convs"][0]["status"] == "queued"
+            first, _ = await hello(node, first_token)
+            await send(first, type="close", conv=first_conv)
+            closed = await recv(first, "closed")
+            assert closed == {
+                "type": "closed",
+                "conv": first_conv,
+                "by": "visitor",
+                "reason": "visitor",
+            }
+            assert (await recv(agent, "closed"))["conv"] == first_conv
+            # the freed slot goes to the queued conversation
+            assigned = await recv(third, "assigned")
+            assert assigned["conv"] == third_conv
+            assert (await recv(agent, "assigned"))["conv"] == third_conv
+            await send(first, type="send", conv=first_conv, client_msg_id="late", text="x")
+            assert (await recv(first, "error"))["code"] == "forbidden"
+            for ws in (agent, first, third):
+                await ws.close()
+        finally:
+            await node.stop()
+
+    run(body)
