@@ -1,34 +1,51 @@
-"""The node: the one place that wires the store, conversations, routing and the WebSocket front.
+"""The node: the one place that wires the store, conversations, routing and the fronts.
 
 :class:`Node` owns one :class:`~kefu.store.Store`, the in-memory
-:class:`~kefu.conversations.Conversations`, the :class:`~kefu.routing.Routing` over the agents of
-the config, the :class:`~kefu.security.TokenSigner` and the :class:`~kefu.web.ws.WsServer`, and
-implements the server's :class:`~kefu.web.ws.FrameHandler`.
+:class:`~kefu.conversations.Conversations`, the :class:`~kefu.routing.Routing` over the agents,
+the :class:`~kefu.security.TokenSigner` and the :class:`~kefu.web.ws.WsServer`, and implements
+the server's :class:`~kefu.web.ws.FrameHandler`. The REST front (:mod:`kefu.web.http`) calls
+the public methods below; a REST call and the WebSocket frame that does the same thing run the
+same code.
 
 Start and stop
 --------------
 ``await node.start()`` opens the store (``data_dir``, ``durability``, ``store`` settings), loads
-the configured agents into the pool, takes back the open conversations (``Store.recover()``; the
-routed ones go back to routing in order of creation), loads or creates the token-signing secret
-(store meta ``token_secret``) and starts the WebSocket listener. ``await node.stop()`` closes
-every connection with 1001, then flushes and closes the store.
+the agents (the config file's, then those created through the admin API, kept in the store),
+takes back the open conversations (``Store.recover()``; the routed ones go back to routing in
+order of creation), loads or creates the token-signing secret (store meta ``token_secret``),
+starts the WebSocket listener and the housekeeping timer. ``await node.stop()`` stops the
+timer, closes every connection with 1001, then flushes and closes the store.
+
+First start
+-----------
+Without ``admin_token`` in the config (or ``KEFU_ADMIN_TOKEN``) the node makes one at its first
+start; without any agent (none in the config, none stored) it creates the agent ``demo``. Their
+tokens are written once, to ``<data_dir>/credentials.txt`` (mode 0600), and reported in
+:attr:`Node.bootstrap` so ``kefu serve`` can print them; the store keeps only SHA-256 hashes.
+A later start creates nothing (store meta ``bootstrapped``).
 
 Identities
 ----------
-A ``hello`` token is an agent's configured token (constant-time compare) or a visitor token
-issued by :meth:`Node.create_chat` (``sub`` is the visitor id, ``extra["conv"]`` its
-conversation). Live connections are kept per principal (``(role, id)`` -> connections), which
-is how ``msg``, ``assigned``, ``queued``, ``typing``, ``read`` and ``closed`` reach everyone.
+A ``hello`` token is an agent's token (looked up by its SHA-256 hash, so the lookup costs the
+same for every token) or a visitor token issued by :meth:`Node.create_chat` (``sub`` is the
+visitor id, ``extra["conv"]`` its conversation). Live connections are kept per principal
+(``(role, id)`` -> connections), which is how ``msg``, ``assigned``, ``queued``, ``typing``,
+``read`` and ``closed`` reach everyone. Agents declared in the config file are the file's:
+the admin API refuses to change them (``conflict``); agents created through the API are kept
+in the store and may be changed, disabled (their conversations are requeued at once) and
+deleted.
 
 Messages
 --------
-``send``: ``may_write`` (else ``forbidden``), dedup (``Store.get_dedup``; a duplicate is acked
-with its original seq after ``Store.barrier()``), then ``next_seq`` and ``append_message`` with
-the conversation record in the same step, so a taken seq is always written. Should the store
-refuse the write at the call (``StoreBusy``), the seq is given back before anything is awaited.
-After the write is durable: ``ack`` to the sender, ``msg`` to every participant connection, and
-the message joins the conversation's ring of recent messages (:data:`RING_CAPACITY` messages,
-:data:`MAX_RINGS` rings, least recently used ring dropped first).
+``send`` (WS) and :meth:`Node.send_message` (REST): ``may_write`` (else ``forbidden``), dedup
+(``Store.get_dedup``; a duplicate is answered with its original seq after ``Store.barrier()``),
+then ``next_seq`` and ``append_message`` with the conversation record in the same step, so a
+taken seq is always written. Should the store refuse the write at the call (``StoreBusy``), the
+seq is given back before anything is awaited. After the write is durable: ``ack`` to the
+sender, ``msg`` to every participant connection (encoded once per encoding, not once per
+connection), and the message joins the conversation's ring of recent messages
+(:data:`RING_CAPACITY` messages, :data:`MAX_RINGS` rings, least recently used ring dropped
+first).
 
 Resume
 ------
@@ -43,27 +60,67 @@ replayed seqs: ``from_seq`` is always ``last_seq + 1`` and ``to_seq`` the last s
 connection happen in one step without an await, so a message acked meanwhile is pushed live
 after the ``resumed`` and none is lost or sent twice.
 
-Not in this slice: the bot, ``accept`` and ``transfer`` (answered ``error unsupported``), the
-timers for agent grace and idle expiry, presence frames, encode-once fan-out, metrics.
+Agents at work
+--------------
+``accept`` takes a queued conversation by hand; ``transfer`` hands an assigned one to an agent
+(``to_agent``) or a group (``to_group``): the sender gets ``transferred {conv, to}`` (``to``
+as asked), the new agent ``assigned``; with nobody free in the group the conversation is queued
+for it and the visitor gets ``queued``. Any change of an agent's status or load is announced
+to every connected agent as ``presence {agent: {id, status, active_chats}}``, coalesced: one
+frame per changed agent per loop turn, however many changes the turn made. A new agent
+connection gets the presence of every agent after its ``welcome``.
+
+Timers
+------
+One housekeeping timer runs every :attr:`Node.tick_s` (a second, or a tenth of the idle TTL or
+a quarter of the agent grace when those are shorter): it closes the conversations idle for the
+TTL (``closed {by: "expired", reason: "expired"}``, at most :data:`EXPIRE_BATCH` a tick) and
+requeues the conversations of agents whose grace ran out.
+
+Bounds
+------
+===================  =============================  =========================================
+what                 limit                          when full
+===================  =============================  =========================================
+rings of recent      :data:`MAX_RINGS` conversations  least recently used ring dropped; resume
+messages             x :data:`RING_CAPACITY`          reads the store instead
+live connections     ``ws.max_connections``          503 at the upgrade (kefu.web.ws)
+expiries per tick    :data:`EXPIRE_BATCH`            the rest wait for the next tick
+pending presence     one entry per agent             (by construction)
+===================  =============================  =========================================
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import ssl as ssl_module
 import time
 import uuid
 from collections import OrderedDict
+from pathlib import Path
 from typing import TYPE_CHECKING, Final, cast
 
+import msgspec
+
 from kefu._core import ringbuf as _ringbuf
+from kefu._version import __version__
 from kefu.config import Config
 from kefu.conversations import Conversations, ConversationState, may_see, may_write
 from kefu.errors import KefuError
 from kefu.protocol import (
+    MAX_TEXT_CHARS,
+    PROTOCOL_VERSION,
     Accept,
     Ack,
+    AgentCreate,
+    AgentCreated,
+    AgentList,
+    AgentPresence,
     AgentRef,
+    AgentUpdate,
+    AgentView,
     Assigned,
     ClientFrame,
     Close,
@@ -72,9 +129,13 @@ from kefu.protocol import (
     ConversationStatus,
     ConvState,
     Error,
+    Health,
     Hello,
     History,
+    HistoryResponse,
     Msg,
+    Presence,
+    PublicConfig,
     Queued,
     Read,
     ReadRelay,
@@ -91,6 +152,8 @@ from kefu.protocol import (
     TypingRelay,
     VisitorProfile,
     Welcome,
+    encode_json,
+    encode_msgpack,
 )
 from kefu.routing import (
     AgentPool,
@@ -98,13 +161,21 @@ from kefu.routing import (
     Effect,
     PositionChanged,
     Queue,
+    Requeue,
     Routing,
     Unassign,
     WaitingQueue,
 )
-from kefu.security import TokenError, TokenSigner, new_secret, secret_equals
+from kefu.security import (
+    TokenError,
+    TokenSigner,
+    hash_token,
+    new_secret,
+    verify_user_hash,
+)
 from kefu.store import (
     Store,
+    StoredAgent,
     StoredMessage,
     StoreError,
     format_conv_id,
@@ -115,7 +186,20 @@ from kefu.web.ws import AuthError, Connection, WsServer
 if TYPE_CHECKING:
     from kefu._core.ringbuf import RingBuffer
 
-__all__ = ["MAX_RINGS", "RESUME_MAX", "RING_CAPACITY", "Forbidden", "Node", "Unsupported"]
+__all__ = [
+    "EXPIRE_BATCH",
+    "MAX_RINGS",
+    "RESUME_MAX",
+    "RING_CAPACITY",
+    "Bootstrap",
+    "Conflict",
+    "Forbidden",
+    "Node",
+    "NotFound",
+    "SendResult",
+    "Unauthorized",
+    "Unsupported",
+]
 
 log = logging.getLogger("kefu.node")
 
@@ -123,7 +207,12 @@ RESUME_MAX: Final = 300  # PROTOCOL.md: more missed than this -> recovered: fals
 RING_CAPACITY: Final = 320  # recent messages kept per conversation (>= RESUME_MAX)
 MAX_RINGS: Final = 10_000  # conversations with a ring; least recently used dropped first
 ASSIGNED_RECENT: Final = 20  # last messages an agent gets with `assigned`
+EXPIRE_BATCH: Final = 1_000  # idle conversations closed per housekeeping tick at most
 SECRET_META: Final = "token_secret"
+ADMIN_HASH_META: Final = "admin_token_hash"
+BOOTSTRAPPED_META: Final = "bootstrapped"
+CREDENTIALS_FILE: Final = "credentials.txt"
+DEMO_AGENT_ID: Final = "demo"
 
 Principal = tuple[str, str]  # (role, id)
 
@@ -134,8 +223,45 @@ class Forbidden(KefuError):
     code = "forbidden"
 
 
+class Unauthorized(KefuError):
+    """No credentials, or credentials that prove nothing (HTTP 401)."""
+
+    code = "unauthorized"
+
+
+class Conflict(KefuError):
+    """The request contradicts what exists (an agent id taken, an agent of the config file)."""
+
+    code = "conflict"
+
+
 class Unsupported(KefuError):
     code = "unsupported"
+
+
+class NotFound(KefuError):
+    """No such session (REST, where the caller named it by ``session_id``)."""
+
+    code = "not_found"
+
+
+class SendResult(msgspec.Struct, frozen=True):
+    """What :meth:`Node.send_message` answers once the message is durable."""
+
+    seq: int
+    ts: int
+    dup: bool
+    status: ConversationStatus
+    replies: list[Msg]
+
+
+class Bootstrap(msgspec.Struct, frozen=True):
+    """What this start created; the tokens are shown once (and are in ``credentials_path``)."""
+
+    admin_token: str | None
+    demo_agent_id: str | None
+    demo_agent_token: str | None
+    credentials_path: str
 
 
 def _now_ms() -> int:
@@ -161,23 +287,69 @@ def _log_failure(fut: asyncio.Future[None]) -> None:
         log.error("background store write failed: %s", fut.exception())
 
 
+class _Encoded:
+    """One frame encoded at most once per encoding, for fan-out to many connections."""
+
+    __slots__ = ("_json", "_msgpack", "frame", "kind")
+
+    def __init__(self, frame: object) -> None:
+        self.frame = frame
+        self.kind = _frame_tag(frame)
+        self._json: bytes | None = None
+        self._msgpack: bytes | None = None
+
+    def send(self, conn: Connection) -> None:
+        if conn.msgpack:
+            if self._msgpack is None:
+                self._msgpack = encode_msgpack(self.frame)
+            conn.send_encoded(self._msgpack, self.kind)
+        else:
+            if self._json is None:
+                self._json = encode_json(self.frame)
+            conn.send_encoded(self._json, self.kind)
+
+
 class Node:
     """One kefu node (module doc). ``await start()``, then ``await stop()``."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        idle_ttl_ms: int | None = None,
+        ssl: ssl_module.SSLContext | None = None,
+    ) -> None:
         self.config = config
+        self._ssl = ssl
         self._store: Store | None = None
         self._signer: TokenSigner | None = None
         self.ws: WsServer | None = None
-        self.conversations = Conversations(
-            idle_ttl_ms=config.session.idle_ttl_minutes * 60_000, bot_enabled=False
-        )
-        self.pool = AgentPool(grace_ms=int(config.routing.agent_grace_s * 1000))
+        ttl_ms = config.session.idle_ttl_minutes * 60_000 if idle_ttl_ms is None else idle_ttl_ms
+        self.conversations = Conversations(idle_ttl_ms=ttl_ms, bot_enabled=False)
+        grace_ms = int(config.routing.agent_grace_s * 1000)
+        self.pool = AgentPool(grace_ms=grace_ms)
         self.routing = Routing(self.pool, WaitingQueue(config.routing.max_queue))
-        self._agent_tokens = [(a.token, a.id) for a in config.agents]
+        candidates = [1.0, ttl_ms / 10_000]
+        if grace_ms > 0:
+            candidates.append(grace_ms / 4_000)
+        self.tick_s = max(0.05, min(candidates))
+        self._config_agents = frozenset(a.id for a in config.agents)
+        self._agent_by_hash: dict[str, str] = {}  # sha256(token) -> agent id
+        self._agent_hash: dict[str, str] = {}  # agent id -> sha256(token)
+        self._admin_hash: str | None = None
         self._conns: dict[Principal, set[Connection]] = {}
         self._registered: dict[Connection, Principal] = {}
         self._rings: OrderedDict[int, RingBuffer] = OrderedDict()
+        self._presence_dirty: set[str] = set()
+        self._presence_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.bootstrap: Bootstrap | None = None
+        self.credentials_path = str(Path(config.data_dir) / CREDENTIALS_FILE)
+        self.started_at = 0.0
+        self.expired_total = 0
+        self.messages_total = 0
+        self.duplicates_total = 0
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -202,6 +374,7 @@ class Node:
     async def start(self) -> None:
         cfg = self.config
         sc = cfg.store
+        self._loop = asyncio.get_running_loop()
         self._store = store = Store.open(
             cfg.data_dir,
             durability=cfg.durability,
@@ -215,18 +388,81 @@ class Node:
         try:
             for a in cfg.agents:
                 self.pool.add(a.id, a.name, weight=a.weight, max_chats=a.max_chats, groups=a.groups)
+                self._set_agent_hash(a.id, hash_token(a.token))
+            for sa in store.agents():
+                if sa.id in self._config_agents or sa.token_hash is None:
+                    continue  # the file's declaration wins over a stale stored record
+                self.pool.add(
+                    sa.id,
+                    sa.name,
+                    weight=sa.weight,
+                    max_chats=sa.max_chats,
+                    groups=sa.groups,
+                    disabled=sa.disabled,
+                )
+                self._set_agent_hash(sa.id, sa.token_hash)
+            await self._first_start()
             await self._restore()
             secret = store.get_meta(SECRET_META)
             if secret is None:
                 secret = new_secret().encode()
                 await store.put_meta(SECRET_META, secret)
             self._signer = TokenSigner(secret)
-            self.ws = WsServer(cfg.ws, self, allowed_origins=cfg.allowed_origins)
+            self.ws = WsServer(cfg.ws, self, ssl=self._ssl, allowed_origins=cfg.allowed_origins)
             await self.ws.start()
         except BaseException:
             store.close()
             self._store = None
             raise
+        self.started_at = time.monotonic()
+        self._schedule_tick()
+
+    async def _first_start(self) -> None:
+        """Admin token and demo agent of a first start (module doc, "First start")."""
+        store = self.store
+        cfg = self.config
+        if cfg.admin_token is not None:
+            self._admin_hash = hash_token(cfg.admin_token)
+        else:
+            stored = store.get_meta(ADMIN_HASH_META)
+            self._admin_hash = None if stored is None else stored.decode()
+        if store.get_meta(BOOTSTRAPPED_META) is not None:
+            return
+        admin_token = demo_token = None
+        if self._admin_hash is None:
+            admin_token = new_secret()
+            self._admin_hash = hash_token(admin_token)
+            await store.put_meta(ADMIN_HASH_META, self._admin_hash.encode())
+        if len(self.pool) == 0:
+            demo_token = new_secret()
+            record = StoredAgent(
+                id=DEMO_AGENT_ID, name="Demo Agent", token_hash=hash_token(demo_token)
+            )
+            await store.put_agent(record)
+            self.pool.add(record.id, record.name, weight=1, max_chats=record.max_chats, groups=())
+            self._set_agent_hash(record.id, cast("str", record.token_hash))
+        if admin_token is not None or demo_token is not None:
+            self._write_credentials(admin_token, demo_token)
+            self.bootstrap = Bootstrap(
+                admin_token=admin_token,
+                demo_agent_id=DEMO_AGENT_ID if demo_token is not None else None,
+                demo_agent_token=demo_token,
+                credentials_path=self.credentials_path,
+            )
+        await store.put_meta(BOOTSTRAPPED_META, b"1")
+
+    def _write_credentials(self, admin_token: str | None, demo_token: str | None) -> None:
+        lines = ["# kefu credentials made at the first start; keep this file private."]
+        if admin_token is not None:
+            lines.append(f"admin_token: {admin_token}")
+        if demo_token is not None:
+            lines.append(f"demo_agent_id: {DEMO_AGENT_ID}")
+            lines.append(f"demo_agent_token: {demo_token}")
+        path = self.credentials_path
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
 
     async def _restore(self) -> None:
         now = _now_ms()
@@ -241,12 +477,117 @@ class Node:
         await asyncio.gather(*self._apply_states(effects))
 
     async def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.ws is not None:
             await self.ws.stop()
             self.ws = None
         if self._store is not None:
             self._store.close()
             self._store = None
+
+    # -- housekeeping -----------------------------------------------------------------------
+
+    def _schedule_tick(self) -> None:
+        if self._loop is not None and self._store is not None:
+            self._timer = self._loop.call_later(self.tick_s, self._tick)
+
+    def _tick(self) -> None:
+        try:
+            self.housekeeping(_now_ms())
+        except Exception:
+            log.exception("housekeeping failed")
+        finally:
+            self._schedule_tick()
+
+    def housekeeping(self, now_ms: int) -> None:
+        """Idle expiry and agent grace, as of ``now_ms`` (the timer calls it every tick)."""
+        for conv in self.conversations.expired(now_ms, EXPIRE_BATCH):
+            state = self.conversations.get(conv)
+            if state is None:
+                continue
+            self.expired_total += 1
+            self._end(state, "expired", "expired", now_ms)
+        effects = self.routing.expire_agents(now_ms)
+        if effects:
+            self._run_effects(effects)
+
+    def _end(
+        self, state: ConversationState, by: str, reason: str, now_ms: int
+    ) -> list[asyncio.Future[None]]:
+        """Close ``state``: record, ``closed`` to everyone, routing freed (queue drained)."""
+        ended = self.conversations.close(state.id, by, reason, now_ms)
+        futures: list[asyncio.Future[None]] = []
+        try:
+            fut = self.store.put_conversation(state.to_stored())
+            fut.add_done_callback(_log_failure)
+            futures.append(fut)
+        except StoreError:
+            log.exception("conversation %x: closed record not stored", state.id)
+        conv_hex = format_conv_id(state.id)
+        for e in ended:
+            self._fan_out(state, Closed(conv=conv_hex, by=cast("ClosedBy", e.by), reason=e.reason))
+            if state.agent_id is not None:
+                self._presence_changed(state.agent_id)
+            if state.id in self.routing:
+                futures += self._run_effects(self.routing.release(e.conv))
+        self._rings.pop(state.id, None)
+        return futures
+
+    # -- credentials ------------------------------------------------------------------------
+
+    def _set_agent_hash(self, agent_id: str, token_hash: str) -> None:
+        old = self._agent_hash.pop(agent_id, None)
+        if old is not None:
+            self._agent_by_hash.pop(old, None)
+        if token_hash in self._agent_by_hash:
+            raise Conflict("another agent has this token")
+        self._agent_hash[agent_id] = token_hash
+        self._agent_by_hash[token_hash] = agent_id
+
+    def _drop_agent_hash(self, agent_id: str) -> None:
+        old = self._agent_hash.pop(agent_id, None)
+        if old is not None:
+            self._agent_by_hash.pop(old, None)
+
+    def is_admin(self, token: str) -> bool:
+        """Whether ``token`` is the admin token (compared as SHA-256 hashes)."""
+        return self._admin_hash is not None and hash_token(token) == self._admin_hash
+
+    def is_api_key(self, token: str) -> bool:
+        """Whether ``token`` is the configured API key (False when none is configured)."""
+        key = self.config.api_key
+        return key is not None and hash_token(token) == hash_token(key)
+
+    def agent_of_token(self, token: str) -> str | None:
+        """The id of the enabled agent whose token this is."""
+        agent_id = self._agent_by_hash.get(hash_token(token))
+        if agent_id is None or agent_id not in self.pool or self.pool.get(agent_id).disabled:
+            return None
+        return agent_id
+
+    def visitor_of_token(self, token: str) -> tuple[str, str] | None:
+        """``(visitor_id, session_id)`` of a valid visitor token, else None."""
+        try:
+            claims = self.signer.verify(token, "visitor")
+            conv = claims.extra["conv"]
+            parse_conv_id(conv)
+        except (TokenError, KeyError, ValueError):
+            return None
+        return claims.sub, conv
+
+    def check_identity(self, user_id: str | None, user_hash: str | None) -> None:
+        """PROTOCOL.md "Identities": with ``identity.required`` a ``user_id`` needs its valid
+        ``user_hash``; a hash given is always checked. Raises :class:`Unauthorized`."""
+        ident = self.config.identity
+        if user_hash is None and not (ident.required and user_id is not None):
+            return
+        if user_id is None:
+            raise Unauthorized("user_hash given without user_id")
+        secret = ident.secret
+        if secret is None or not verify_user_hash(secret.encode(), user_id, user_hash):
+            raise Unauthorized("user_hash does not match user_id")
 
     # -- REST entry points ------------------------------------------------------------------
 
@@ -293,29 +634,217 @@ class Node:
         )
         return conv_hex, state.visitor_id, token, state.status, created
 
+    async def send_message(
+        self,
+        session_id: str,
+        text: str,
+        client_msg_id: str | None = None,
+        *,
+        role: str = "visitor",
+        principal: str | None = None,
+    ) -> SendResult:
+        """Post ``text`` into ``session_id`` as ``role``; returns once it is durable.
+
+        ``principal=None`` with role ``visitor`` acts as the conversation's visitor (a caller
+        the HTTP front already authorised for the session, e.g. with the API key).
+        """
+        state = self._session(session_id)
+        if principal is None:
+            if role != "visitor":
+                raise Forbidden("only the visitor may be implied")
+            principal = state.visitor_id
+        key = (role, principal)
+        if not may_see(state, role, principal):
+            raise Forbidden("you may not see this conversation")
+        seq, ts, dup = await self._post(state, key, text, client_msg_id)
+        return SendResult(seq=seq, ts=ts, dup=dup, status=state.status, replies=[])
+
+    async def close_chat(
+        self, session_id: str, *, by: str = "visitor", principal: str | None = None
+    ) -> None:
+        """Close ``session_id`` as ``by`` (``visitor``, ``agent`` or ``admin``); idempotent."""
+        state = self._session(session_id)
+        if by == "visitor" and principal is not None and state.visitor_id != principal:
+            raise Forbidden("you may not see this conversation")
+        if by == "agent" and (principal is None or state.agent_id != principal):
+            raise Forbidden("only the agent holding the conversation may close it")
+        if by not in ("visitor", "agent", "admin"):
+            raise ValueError(f"by must be visitor, agent or admin, got {by!r}")
+        if state.status == "closed":
+            return
+        await asyncio.gather(*self._end(state, by, by, _now_ms()))
+
+    def history(
+        self,
+        session_id: str,
+        after: int = 0,
+        limit: int = 50,
+        *,
+        role: str = "visitor",
+        principal: str | None = None,
+    ) -> HistoryResponse:
+        """A page of ``session_id``'s messages after ``after`` (``more`` when the page is full
+        and later ones exist)."""
+        state = self._session(session_id)
+        if principal is not None and not may_see(state, role, principal):
+            raise Forbidden("you may not see this conversation")
+        messages, more = self.store.history(state.id, after, limit)
+        return HistoryResponse(
+            messages=[_msg_frame(m) for m in messages], more=more, epoch=state.epoch
+        )
+
+    def public_config(self) -> PublicConfig:
+        cfg = self.config
+        ws = cfg.ws
+        url = ws.public_url
+        if url is None:
+            scheme = "wss" if self._ssl is not None else "ws"
+            host = ws.host if ws.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+            if ":" in host:
+                host = f"[{host}]"
+            port = self.ws.port if self.ws is not None else ws.port
+            url = f"{scheme}://{host}:{port}{ws.path}"
+        return PublicConfig(
+            ws_url=url,
+            protocol=PROTOCOL_VERSION,
+            max_msg_bytes=ws.max_msg_bytes,
+            max_text_chars=MAX_TEXT_CHARS,
+            ping_interval_ms=int(ws.ping_interval_s * 1000),
+            bot_enabled=False,
+            bot_name=cfg.bot.name,
+        )
+
+    def health(self) -> Health:
+        """``ok`` when the store takes writes and the node runs; ``unavailable`` otherwise."""
+        checks: dict[str, str] = {}
+        store = self._store
+        checks["store"] = "ok" if store is not None and store.healthy else "unavailable"
+        checks["ws"] = "ok" if self.ws is not None else "unavailable"
+        ok = all(v == "ok" for v in checks.values())
+        uptime = time.monotonic() - self.started_at if self.started_at else 0.0
+        return Health(
+            status="ok" if ok else "unavailable",
+            version=__version__,
+            uptime_s=round(uptime, 3),
+            checks=checks,
+        )
+
+    def metrics_text(self) -> bytes:
+        return b""
+
+    # -- admin: agents ----------------------------------------------------------------------
+
+    def _agent_view(self, agent_id: str) -> AgentView:
+        a = self.pool.get(agent_id)
+        return AgentView(
+            id=a.id,
+            name=a.name,
+            weight=a.weight,
+            max_chats=a.max_chats,
+            groups=sorted(a.groups),
+            disabled=a.disabled,
+            status=a.status,
+            active_chats=self.pool.load(a.id),
+        )
+
+    def list_agents(self) -> AgentList:
+        return AgentList(agents=[self._agent_view(a.id) for a in self.pool])
+
+    def get_agent(self, agent_id: str) -> AgentView:
+        return self._agent_view(agent_id)
+
+    def _stored_agent(self, agent_id: str) -> StoredAgent:
+        a = self.pool.get(agent_id)
+        return StoredAgent(
+            id=a.id,
+            name=a.name,
+            token_hash=self._agent_hash.get(a.id),
+            weight=a.weight,
+            max_chats=a.max_chats,
+            groups=sorted(a.groups),
+            disabled=a.disabled,
+        )
+
+    async def create_agent(self, req: AgentCreate) -> AgentCreated:
+        if req.id in self.pool:
+            raise Conflict(f"agent {req.id!r} already exists")
+        token = req.token if req.token is not None else new_secret()
+        token_hash = hash_token(token)
+        if token_hash in self._agent_by_hash:
+            raise Conflict("another agent has this token")
+        try:
+            self.pool.add(
+                req.id, req.name, weight=req.weight, max_chats=req.max_chats, groups=req.groups
+            )
+        except ValueError as exc:
+            raise Conflict(str(exc)) from None
+        self._set_agent_hash(req.id, token_hash)
+        try:
+            await self.store.put_agent(self._stored_agent(req.id))
+        except BaseException:
+            self._drop_agent_hash(req.id)
+            self.pool.remove(req.id)
+            raise
+        view = self._agent_view(req.id)
+        self._presence_changed(req.id)
+        return AgentCreated(**{f: getattr(view, f) for f in view.__struct_fields__}, token=token)
+
+    def _check_mutable(self, agent_id: str) -> None:
+        self.pool.get(agent_id)  # UnknownAgent
+        if agent_id in self._config_agents:
+            raise Conflict(f"agent {agent_id!r} is declared in the config file: change it there")
+
+    async def update_agent(self, agent_id: str, req: AgentUpdate) -> AgentView:
+        self._check_mutable(agent_id)
+        effects = self.routing.update_agent(
+            agent_id,
+            name=req.name,
+            weight=req.weight,
+            max_chats=req.max_chats,
+            groups=req.groups,
+            disabled=req.disabled,
+        )
+        fut = self.store.put_agent(self._stored_agent(agent_id))
+        futures = self._run_effects(effects)
+        self._presence_changed(agent_id)
+        if req.disabled:
+            for c in list(self._conns.get(("agent", agent_id), ())):
+                c.close(1008, "agent disabled")
+        await asyncio.gather(fut, *futures)
+        return self._agent_view(agent_id)
+
+    async def delete_agent(self, agent_id: str) -> None:
+        self._check_mutable(agent_id)
+        effects = self.routing.remove_agent(agent_id)
+        self._drop_agent_hash(agent_id)
+        fut = self.store.delete_agent(agent_id)
+        futures = self._run_effects(effects)
+        for c in list(self._conns.get(("agent", agent_id), ())):
+            c.close(1008, "agent removed")
+        self._presence_dirty.discard(agent_id)
+        await asyncio.gather(fut, *futures)
+
     # -- FrameHandler -----------------------------------------------------------------------
 
     async def authenticate(self, conn: Connection, hello: Hello) -> Welcome:
-        token = hello.token
-        for expected, agent_id in self._agent_tokens:
-            if secret_equals(token, expected):
-                convs = [self._conv_state(c) for c in self.routing.conversations_of(agent_id)]
-                return Welcome(
-                    role="agent",
-                    id=agent_id,
-                    convs=[c for c in convs if c is not None],
-                    ping_interval_ms=0,
-                    max_msg_bytes=0,
-                )
-        try:
-            claims = self.signer.verify(token, "visitor")
-            conv = parse_conv_id(claims.extra["conv"])
-        except (TokenError, KeyError, ValueError) as exc:
-            raise AuthError("bad token") from exc
-        cs = self._conv_state(conv)
+        agent_id = self.agent_of_token(hello.token)
+        if agent_id is not None:
+            convs = [self._conv_state(c) for c in self.routing.conversations_of(agent_id)]
+            return Welcome(
+                role="agent",
+                id=agent_id,
+                convs=[c for c in convs if c is not None],
+                ping_interval_ms=0,
+                max_msg_bytes=0,
+            )
+        found = self.visitor_of_token(hello.token)
+        if found is None:
+            raise AuthError("bad token")
+        visitor_id, conv_hex = found
+        cs = self._conv_state(parse_conv_id(conv_hex))
         return Welcome(
             role="visitor",
-            id=claims.sub,
+            id=visitor_id,
             convs=[] if cs is None else [cs],
             ping_interval_ms=0,
             max_msg_bytes=0,
@@ -337,8 +866,12 @@ class Node:
         first = key not in self._conns
         self._conns.setdefault(key, set()).add(conn)
         self._registered[conn] = key
-        if role == "agent" and first:
-            self._run_effects(self.routing.agent_connected(principal))
+        if role == "agent":
+            for a in self.pool:
+                conn.send(Presence(agent=self._presence_of(a.id)))
+            if first:
+                self._run_effects(self.routing.agent_connected(principal))
+                self._presence_changed(principal)
 
     async def on_frame(self, conn: Connection, frame: ClientFrame) -> None:
         key = self._registered.get(conn)
@@ -361,18 +894,20 @@ class Node:
         if conns:
             return
         del self._conns[key]
-        if key[0] == "agent":
+        if key[0] == "agent" and key[1] in self.pool:
             try:
                 self._run_effects(self.routing.agent_disconnected(key[1], _now_ms()))
             except KefuError:
                 log.exception("agent %s: disconnect bookkeeping failed", key[1])
+            self._presence_changed(key[1])
 
     # -- frames -----------------------------------------------------------------------------
 
     async def _dispatch(self, conn: Connection, key: Principal, frame: ClientFrame) -> None:
         role, principal = key
         if isinstance(frame, Send):
-            await self._send(conn, key, frame)
+            state = self._visible(frame.conv, role, principal)
+            await self._post(state, key, frame.text, frame.client_msg_id, conn)
         elif isinstance(frame, Sync):
             state = self._visible(frame.conv, role, principal)
             messages, more = self.store.history(state.id, frame.after, frame.limit)
@@ -396,33 +931,75 @@ class Node:
             self._fan_out(state, ReadRelay(conv=frame.conv, seq=seq, from_=self._sender(key)), key)
             await fut
         elif isinstance(frame, Close):
-            await self._close(conn, key, frame)
+            state = self._visible(frame.conv, role, principal)
+            if role == "agent" and state.agent_id != principal:
+                raise Forbidden("only the agent holding the conversation may close it")
+            if state.status == "closed":
+                conn.send(
+                    Closed(
+                        conv=frame.conv,
+                        by=cast("ClosedBy", state.closed_by or role),
+                        reason=state.closed_reason or "closed",
+                    )
+                )
+                return
+            await asyncio.gather(*self._end(state, role, role, _now_ms()))
         elif isinstance(frame, Status):
             if role != "agent":
                 raise Forbidden("only agents have a status")
             self._run_effects(self.routing.agent_status(principal, frame.status, frame.max_chats))
+            self._presence_changed(principal)
             conn.send(StatusFrame(status=frame.status, max_chats=frame.max_chats))
-        elif isinstance(frame, (Accept, Transfer)):
-            raise Unsupported(f"{_frame_tag(frame)} is not supported yet")
+        elif isinstance(frame, Accept):
+            if role != "agent":
+                raise Forbidden("only agents accept conversations")
+            state = self._visible(frame.conv, role, principal)
+            self.conversations.check(state.id, "accept")
+            await asyncio.gather(*self._run_effects(self.routing.accept(state.id, principal)))
+        elif isinstance(frame, Transfer):
+            if role != "agent":
+                raise Forbidden("only agents transfer conversations")
+            state = self._visible(frame.conv, role, principal)
+            if state.agent_id != principal:
+                raise Forbidden("only the agent holding the conversation may transfer it")
+            self.conversations.check(state.id, "transfer")
+            effects = self.routing.transfer(
+                state.id, principal, to_agent=frame.to_agent, to_group=frame.to_group
+            )
+            to = frame.to_agent if frame.to_agent is not None else frame.to_group
+            futures = self._run_effects(effects, transferred_to=to)
+            await asyncio.gather(*futures)
         else:
             raise Unsupported(f"{_frame_tag(frame)} is not supported")
 
-    async def _send(self, conn: Connection, key: Principal, frame: Send) -> None:
+    async def _post(
+        self,
+        state: ConversationState,
+        key: Principal,
+        text: str,
+        client_msg_id: str | None,
+        conn: Connection | None = None,
+    ) -> tuple[int, int, bool]:
+        """Store one message and deliver it: ``(seq, ts, dup)`` once durable (module doc)."""
         role, principal = key
         store = self.store
-        state = self._visible(frame.conv, role, principal)
         if not may_write(state, role, principal):
+            if state.status == "closed":
+                self.conversations.check(state.id, "send")  # conversation_closed
             raise Forbidden("you may not write in this conversation")
         conv = state.id
-        dup = store.get_dedup(conv, frame.client_msg_id)
-        if dup is not None:
-            await store.barrier()
-            ts = 0
-            found, _ = store.history(conv, dup - 1, 1)
-            if found and found[0].seq == dup:
-                ts = found[0].ts
-            conn.send(_ack(frame, dup, ts, True))
-            return
+        if client_msg_id is not None:
+            dup = store.get_dedup(conv, client_msg_id)
+            if dup is not None:
+                await store.barrier()
+                ts = 0
+                found, _ = store.history(conv, dup - 1, 1)
+                if found and found[0].seq == dup:
+                    ts = found[0].ts
+                self.duplicates_total += 1
+                if conn is not None:
+                    conn.send(_ack(state, client_msg_id, dup, ts, True))
+                return dup, ts, True
         self.conversations.check(conv, "send")
         now = _now_ms()
         self.conversations.touch(conv, now)
@@ -433,11 +1010,11 @@ class Node:
             seq=seq,
             epoch=state.epoch,
             id=uuid.uuid4().hex,
-            client_msg_id=frame.client_msg_id,
+            client_msg_id=client_msg_id,
             from_role=role,
             from_id=principal,
             from_name=sender.name,
-            text=frame.text,
+            text=text,
             ts=now,
         )
         try:
@@ -446,33 +1023,13 @@ class Node:
             state.top_seq -= 1  # nothing was enqueued: give the seq back (no await since)
             raise
         await fut
-        conn.send(_ack(frame, seq, now, False))
+        self.messages_total += 1
+        if conn is not None and client_msg_id is not None:
+            conn.send(_ack(state, client_msg_id, seq, now, False))
         out = _msg_frame(msg)
         self._remember(conv, out)
         self._fan_out(state, out)
-
-    async def _close(self, conn: Connection, key: Principal, frame: Close) -> None:
-        role, principal = key
-        state = self._visible(frame.conv, role, principal)
-        if role == "agent" and state.agent_id != principal:
-            raise Forbidden("only the agent holding the conversation may close it")
-        if state.status == "closed":
-            conn.send(
-                Closed(
-                    conv=frame.conv,
-                    by=cast("ClosedBy", state.closed_by or role),
-                    reason=state.closed_reason or "closed",
-                )
-            )
-            return
-        ended = self.conversations.close(state.id, role, role, _now_ms())
-        futures = [self.store.put_conversation(state.to_stored())]
-        for e in ended:
-            self._fan_out(
-                state, Closed(conv=frame.conv, by=cast("ClosedBy", e.by), reason=e.reason)
-            )
-            futures += self._run_effects(self.routing.release(e.conv))
-        await asyncio.gather(*futures)
+        return seq, now, False
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -492,6 +1049,17 @@ class Node:
                 return None
             state = ConversationState.from_stored(stored)
             state.top_seq = max(state.top_seq, self.store.top_seq(conv))
+        return state
+
+    def _session(self, session_id: str) -> ConversationState:
+        """The conversation named by a REST ``session_id`` (``not_found`` when none)."""
+        try:
+            conv = parse_conv_id(session_id)
+        except ValueError:
+            raise NotFound("no such session") from None
+        state = self._state(conv)
+        if state is None:
+            raise NotFound("no such session")
         return state
 
     def _visible(self, conv_hex: str, role: str, principal: str) -> ConversationState:
@@ -519,11 +1087,17 @@ class Node:
     def _fan_out(
         self, state: ConversationState, frame: object, skip: Principal | None = None
     ) -> None:
+        encoded: _Encoded | None = None
         for key in self._participants(state):
             if key == skip:
                 continue
-            for c in list(self._conns.get(key, ())):
-                c.send(frame)
+            conns = self._conns.get(key)
+            if not conns:
+                continue
+            if encoded is None:
+                encoded = _Encoded(frame)
+            for c in list(conns):
+                encoded.send(c)
 
     def _remember(self, conv: int, msg: Msg) -> None:
         ring = self._rings.get(conv)
@@ -573,15 +1147,17 @@ class Node:
                     log.exception("conversation %x: record not stored", state.id)
         return futures
 
-    def _run_effects(self, effects: list[Effect]) -> list[asyncio.Future[None]]:
+    def _run_effects(
+        self, effects: list[Effect], *, transferred_to: str | None = None
+    ) -> list[asyncio.Future[None]]:
         """Apply routing's effects: states, records (enqueued, not awaited), frames."""
         futures = self._apply_states(effects)
         for fut in futures:
             fut.add_done_callback(_log_failure)
-        self._notify(effects)
+        self._notify(effects, transferred_to)
         return futures
 
-    def _notify(self, effects: list[Effect]) -> None:
+    def _notify(self, effects: list[Effect], transferred_to: str | None = None) -> None:
         for effect in effects:
             state = self.conversations.get(effect.conv)
             if state is None:
@@ -589,31 +1165,72 @@ class Node:
             conv_hex = format_conv_id(effect.conv)
             visitor = self._conns.get(("visitor", state.visitor_id), set())
             if isinstance(effect, Assign):
+                self._presence_changed(effect.agent_id)
                 agent = self.pool.get(effect.agent_id)
                 ref = AgentRef(id=effect.agent_id, name=agent.name)
                 for c in list(visitor):
                     c.send(Assigned(conv=conv_hex, agent=ref))
+                agent_conns = self._conns.get(("agent", effect.agent_id))
+                if not agent_conns:
+                    continue
                 recent = [_msg_frame(m) for m in self.store.tail(effect.conv, ASSIGNED_RECENT)]
                 name = state.metadata.get("name")
+                meta = {
+                    k: v for k, v in state.metadata.items() if k != "name" and isinstance(v, str)
+                }
                 profile = VisitorProfile(
                     id=state.visitor_id,
                     name=name if isinstance(name, str) else None,
                     user_id=state.user_id,
+                    metadata=meta or None,
                 )
-                frame = Assigned(conv=conv_hex, agent=ref, visitor=profile, messages=recent)
-                for c in list(self._conns.get(("agent", effect.agent_id), ())):
-                    c.send(frame)
+                frame = _Encoded(
+                    Assigned(conv=conv_hex, agent=ref, visitor=profile, messages=recent)
+                )
+                for c in list(agent_conns):
+                    frame.send(c)
             elif isinstance(effect, (Queue, PositionChanged)):
                 for c in list(visitor):
                     c.send(Queued(conv=conv_hex, position=effect.position))
             elif isinstance(effect, Unassign):
-                to = state.agent_id or ""
+                self._presence_changed(effect.agent_id)
+                to = transferred_to if transferred_to is not None else (state.agent_id or "")
                 for c in list(self._conns.get(("agent", effect.agent_id), ())):
                     c.send(Transferred(conv=conv_hex, to=to))
+            elif isinstance(effect, Requeue):
+                self._presence_changed(effect.agent_id)
+
+    # -- presence ---------------------------------------------------------------------------
+
+    def _presence_of(self, agent_id: str) -> AgentPresence:
+        a = self.pool.get(agent_id)
+        status = a.status if a.connections > 0 and not a.disabled else "offline"
+        return AgentPresence(id=a.id, status=status, active_chats=self.pool.load(a.id))
+
+    def _presence_changed(self, agent_id: str) -> None:
+        """Announce ``agent_id``'s presence to every agent, once per loop turn (module doc)."""
+        self._presence_dirty.add(agent_id)
+        if not self._presence_scheduled and self._loop is not None:
+            self._presence_scheduled = True
+            self._loop.call_soon(self._flush_presence)
+
+    def _flush_presence(self) -> None:
+        self._presence_scheduled = False
+        dirty, self._presence_dirty = self._presence_dirty, set()
+        agents = [conns for (role, _), conns in self._conns.items() if role == "agent"]
+        if not agents:
+            return
+        for agent_id in dirty:
+            if agent_id not in self.pool:
+                continue
+            frame = _Encoded(Presence(agent=self._presence_of(agent_id)))
+            for conns in agents:
+                for c in list(conns):
+                    frame.send(c)
 
 
-def _ack(frame: Send, seq: int, ts: int, dup: bool) -> Ack:
-    return Ack(conv=frame.conv, client_msg_id=frame.client_msg_id, seq=seq, ts=ts, dup=dup)
+def _ack(state: ConversationState, client_msg_id: str, seq: int, ts: int, dup: bool) -> Ack:
+    return Ack(conv=format_conv_id(state.id), client_msg_id=client_msg_id, seq=seq, ts=ts, dup=dup)
 
 
 def _frame_tag(frame: object) -> str:
