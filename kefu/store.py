@@ -66,9 +66,8 @@ anything is awaited. Awaiting the future is the ack: ``await store.append_messag
   disk; the client's retry with the same ``client_msg_id`` is then answered as a duplicate.
 - Cancelling the wait does not cancel the write.
 
-The pending queue has the shape of ``kefu._core.mq.BatchQueue`` (``put(item, nbytes)``,
-``drain(max_items, max_bytes)``, ``len``, ``nbytes``): once that lands, it replaces
-:class:`_PendingQueue` in ``GroupCommitWriter.__init__`` and nothing else changes.
+The pending queue is ``kefu._core.mq.BatchQueue``, bounded by ``max_pending`` entries and
+``max_pending_bytes``; a batch is one ``drain(batch_max_entries, batch_max_bytes)``.
 
 Reads
 -----
@@ -99,9 +98,8 @@ import re
 import secrets
 import struct
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Final, Generic, Literal, TypeVar, cast
+from typing import Any, Final, Literal, cast
 
 import msgspec
 from rocksdict import (
@@ -117,6 +115,7 @@ from rocksdict import (
     WriteOptions,
 )
 
+from kefu._core import mq
 from kefu.errors import KefuError
 
 __all__ = [
@@ -327,46 +326,6 @@ def _message_range_end(conv: int) -> bytes:
 # Writer
 
 Op = tuple[bytes, bytes | None]  # (key, value); value None deletes the key
-T = TypeVar("T")
-
-
-class _PendingQueue(Generic[T]):
-    """FIFO bounded by item count and bytes: the API of ``kefu._core.mq.BatchQueue``."""
-
-    __slots__ = ("_items", "max_bytes", "max_items", "nbytes")
-
-    def __init__(self, max_items: int, max_bytes: int) -> None:
-        self._items: deque[tuple[T, int]] = deque()
-        self.max_items = max_items
-        self.max_bytes = max_bytes
-        self.nbytes = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def put(self, item: T, nbytes: int) -> bool:
-        """Append ``item``; False (and nothing queued) when it would pass either bound."""
-        if len(self._items) >= self.max_items or self.nbytes + nbytes > self.max_bytes:
-            return False
-        self._items.append((item, nbytes))
-        self.nbytes += nbytes
-        return True
-
-    def drain(self, max_items: int | None = None, max_bytes: int | None = None) -> list[T]:
-        """Remove and return the oldest items within both limits (always at least one)."""
-        items = self._items
-        count = len(items) if max_items is None else min(max_items, len(items))
-        out: list[T] = []
-        taken = 0
-        while len(out) < count:
-            item, nbytes = items[0]
-            if out and max_bytes is not None and taken + nbytes > max_bytes:
-                break
-            items.popleft()
-            taken += nbytes
-            out.append(item)
-        self.nbytes -= taken
-        return out
 
 
 class _Entry:
@@ -435,7 +394,7 @@ class GroupCommitWriter:
         self._write_batch: Callable[[WriteBatch, WriteOptions], None] = db.write
         self._sync_wal: Callable[[bool], None] = db.flush_wal
         self._write_options = WriteOptions()  # WAL on, no sync: see the module doc
-        self._pending: _PendingQueue[_Entry] = _PendingQueue(max_pending, max_pending_bytes)
+        self._pending = mq.BatchQueue(max_pending, max_pending_bytes)
         self._unsynced: list[_Entry] = []  # written, waiting for the next WAL sync
         self._syncing: list[_Entry] | None = None  # covered by the sync now running
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -477,7 +436,7 @@ class GroupCommitWriter:
 
     @property
     def pending_bytes(self) -> int:
-        return self._pending.nbytes
+        return int(self._pending.nbytes)
 
     @property
     def awaiting_sync(self) -> int:
