@@ -43,9 +43,8 @@ then ``next_seq`` and ``append_message`` with the conversation record in the sam
 taken seq is always written. Should the store refuse the write at the call (``StoreBusy``), the
 seq is given back before anything is awaited. After the write is durable: ``ack`` to the
 sender, ``msg`` to every participant connection (encoded once per encoding, not once per
-connection), and the message joins the conversation's ring of recent messages
-(:data:`RING_CAPACITY` messages, :data:`MAX_RINGS` rings, least recently used ring dropped
-first).
+connection), and the message joins the conversation's ring of recent messages (kept by the
+:class:`~kefu.hub.Hub`, which also holds the live connections).
 
 Resume
 ------
@@ -82,9 +81,7 @@ Bounds
 ===================  =============================  =========================================
 what                 limit                          when full
 ===================  =============================  =========================================
-rings of recent      :data:`MAX_RINGS` conversations  least recently used ring dropped; resume
-messages             x :data:`RING_CAPACITY`          reads the store instead
-live connections     ``ws.max_connections``          503 at the upgrade (kefu.web.ws)
+rings, connections   see :mod:`kefu.hub`
 expiries per tick    :data:`EXPIRE_BATCH`            the rest wait for the next tick
 pending presence     one entry per agent             (by construction)
 ===================  =============================  =========================================
@@ -98,17 +95,17 @@ import os
 import ssl as ssl_module
 import time
 import uuid
-from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, cast
+from typing import Final, cast
 
 import msgspec
 
-from kefu._core import ringbuf as _ringbuf
 from kefu._version import __version__
 from kefu.config import Config
 from kefu.conversations import Conversations, ConversationState, may_see, may_write
 from kefu.errors import KefuError
+from kefu.hub import Encoded, Hub, Principal, frame_tag
 from kefu.protocol import (
     MAX_TEXT_CHARS,
     PROTOCOL_VERSION,
@@ -152,8 +149,6 @@ from kefu.protocol import (
     TypingRelay,
     VisitorProfile,
     Welcome,
-    encode_json,
-    encode_msgpack,
 )
 from kefu.routing import (
     AgentPool,
@@ -183,14 +178,9 @@ from kefu.store import (
 )
 from kefu.web.ws import AuthError, Connection, WsServer
 
-if TYPE_CHECKING:
-    from kefu._core.ringbuf import RingBuffer
-
 __all__ = [
     "EXPIRE_BATCH",
-    "MAX_RINGS",
     "RESUME_MAX",
-    "RING_CAPACITY",
     "Bootstrap",
     "Conflict",
     "Forbidden",
@@ -204,8 +194,6 @@ __all__ = [
 log = logging.getLogger("kefu.node")
 
 RESUME_MAX: Final = 300  # PROTOCOL.md: more missed than this -> recovered: false
-RING_CAPACITY: Final = 320  # recent messages kept per conversation (>= RESUME_MAX)
-MAX_RINGS: Final = 10_000  # conversations with a ring; least recently used dropped first
 ASSIGNED_RECENT: Final = 20  # last messages an agent gets with `assigned`
 EXPIRE_BATCH: Final = 1_000  # idle conversations closed per housekeeping tick at most
 SECRET_META: Final = "token_secret"
@@ -213,8 +201,6 @@ ADMIN_HASH_META: Final = "admin_token_hash"
 BOOTSTRAPPED_META: Final = "bootstrapped"
 CREDENTIALS_FILE: Final = "credentials.txt"
 DEMO_AGENT_ID: Final = "demo"
-
-Principal = tuple[str, str]  # (role, id)
 
 
 class Forbidden(KefuError):
@@ -287,28 +273,6 @@ def _log_failure(fut: asyncio.Future[None]) -> None:
         log.error("background store write failed: %s", fut.exception())
 
 
-class _Encoded:
-    """One frame encoded at most once per encoding, for fan-out to many connections."""
-
-    __slots__ = ("_json", "_msgpack", "frame", "kind")
-
-    def __init__(self, frame: object) -> None:
-        self.frame = frame
-        self.kind = _frame_tag(frame)
-        self._json: bytes | None = None
-        self._msgpack: bytes | None = None
-
-    def send(self, conn: Connection) -> None:
-        if conn.msgpack:
-            if self._msgpack is None:
-                self._msgpack = encode_msgpack(self.frame)
-            conn.send_encoded(self._msgpack, self.kind)
-        else:
-            if self._json is None:
-                self._json = encode_json(self.frame)
-            conn.send_encoded(self._json, self.kind)
-
-
 class Node:
     """One kefu node (module doc). ``await start()``, then ``await stop()``."""
 
@@ -337,9 +301,7 @@ class Node:
         self._agent_by_hash: dict[str, str] = {}  # sha256(token) -> agent id
         self._agent_hash: dict[str, str] = {}  # agent id -> sha256(token)
         self._admin_hash: str | None = None
-        self._conns: dict[Principal, set[Connection]] = {}
-        self._registered: dict[Connection, Principal] = {}
-        self._rings: OrderedDict[int, RingBuffer] = OrderedDict()
+        self.hub = Hub()
         self._presence_dirty: set[str] = set()
         self._presence_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
@@ -532,7 +494,7 @@ class Node:
                 self._presence_changed(state.agent_id)
             if state.id in self.routing:
                 futures += self._run_effects(self.routing.release(e.conv))
-        self._rings.pop(state.id, None)
+        self.hub.forget(state.id)
         return futures
 
     # -- credentials ------------------------------------------------------------------------
@@ -808,7 +770,7 @@ class Node:
         futures = self._run_effects(effects)
         self._presence_changed(agent_id)
         if req.disabled:
-            for c in list(self._conns.get(("agent", agent_id), ())):
+            for c in self.hub.connections(("agent", agent_id)):
                 c.close(1008, "agent disabled")
         await asyncio.gather(fut, *futures)
         return self._agent_view(agent_id)
@@ -819,7 +781,7 @@ class Node:
         self._drop_agent_hash(agent_id)
         fut = self.store.delete_agent(agent_id)
         futures = self._run_effects(effects)
-        for c in list(self._conns.get(("agent", agent_id), ())):
+        for c in self.hub.connections(("agent", agent_id)):
             c.close(1008, "agent removed")
         self._presence_dirty.discard(agent_id)
         await asyncio.gather(fut, *futures)
@@ -862,10 +824,7 @@ class Node:
                 conn.send(Error(code=exc.code, message=str(exc), ref="hello"))
                 continue
             self._resume(conn, state, point.epoch, point.last_seq)
-        key = (role, principal)
-        first = key not in self._conns
-        self._conns.setdefault(key, set()).add(conn)
-        self._registered[conn] = key
+        first = self.hub.register(conn, (role, principal))
         if role == "agent":
             for a in self.pool:
                 conn.send(Presence(agent=self._presence_of(a.id)))
@@ -874,27 +833,21 @@ class Node:
                 self._presence_changed(principal)
 
     async def on_frame(self, conn: Connection, frame: ClientFrame) -> None:
-        key = self._registered.get(conn)
+        key = self.hub.key_of(conn)
         if key is None:
             return
         try:
             await self._dispatch(conn, key, frame)
         except KefuError as exc:
-            ref = frame.client_msg_id if isinstance(frame, Send) else _frame_tag(frame)
+            ref = frame.client_msg_id if isinstance(frame, Send) else frame_tag(frame)
             conn.send(Error(code=exc.code, message=str(exc), ref=ref))
 
     def on_close(self, conn: Connection) -> None:
-        key = self._registered.pop(conn, None)
-        if key is None:
+        gone = self.hub.unregister(conn)
+        if gone is None:
             return
-        conns = self._conns.get(key)
-        if conns is None:
-            return
-        conns.discard(conn)
-        if conns:
-            return
-        del self._conns[key]
-        if key[0] == "agent" and key[1] in self.pool:
+        key, last = gone
+        if last and key[0] == "agent" and key[1] in self.pool:
             try:
                 self._run_effects(self.routing.agent_disconnected(key[1], _now_ms()))
             except KefuError:
@@ -970,7 +923,7 @@ class Node:
             futures = self._run_effects(effects, transferred_to=to)
             await asyncio.gather(*futures)
         else:
-            raise Unsupported(f"{_frame_tag(frame)} is not supported")
+            raise Unsupported(f"{frame_tag(frame)} is not supported")
 
     async def _post(
         self,
@@ -1027,7 +980,7 @@ class Node:
         if conn is not None and client_msg_id is not None:
             conn.send(_ack(state, client_msg_id, seq, now, False))
         out = _msg_frame(msg)
-        self._remember(conv, out)
+        self.hub.remember(conv, out)
         self._fan_out(state, out)
         return seq, now, False
 
@@ -1087,40 +1040,14 @@ class Node:
     def _fan_out(
         self, state: ConversationState, frame: object, skip: Principal | None = None
     ) -> None:
-        encoded: _Encoded | None = None
-        for key in self._participants(state):
-            if key == skip:
-                continue
-            conns = self._conns.get(key)
-            if not conns:
-                continue
-            if encoded is None:
-                encoded = _Encoded(frame)
-            for c in list(conns):
-                encoded.send(c)
+        self.hub.send(self._participants(state), frame, skip)
 
-    def _remember(self, conv: int, msg: Msg) -> None:
-        ring = self._rings.get(conv)
-        if ring is None:
-            ring = self._rings[conv] = _ringbuf.RingBuffer(RING_CAPACITY, keyed=True)
-            if len(self._rings) > MAX_RINGS:
-                self._rings.popitem(last=False)
-        else:
-            self._rings.move_to_end(conv)
-        last = ring.last_key
-        if last is not None and msg.seq <= last:
-            return  # acks resolved out of order: the ring starts later, resume reads the store
-        if last is not None and msg.seq != last + 1:
-            ring.clear()
-        ring.append(msg, msg.seq)
+    def _read_missed(self, conv: int) -> Callable[[int, int], list[Msg]]:
+        def read(last_seq: int, count: int) -> list[Msg]:
+            messages, _ = self.store.history(conv, last_seq, count)
+            return [_msg_frame(m) for m in messages]
 
-    def _missed(self, conv: int, last_seq: int, count: int) -> list[Msg]:
-        ring = self._rings.get(conv)
-        if ring is not None and ring.first_key is not None and ring.first_key <= last_seq + 1:
-            self._rings.move_to_end(conv)
-            return cast("list[Msg]", ring.since(last_seq))
-        messages, _ = self.store.history(conv, last_seq, count)
-        return [_msg_frame(m) for m in messages]
+        return read
 
     def _resume(self, conn: Connection, state: ConversationState, epoch: int, last: int) -> None:
         conv_hex = format_conv_id(state.id)
@@ -1130,7 +1057,7 @@ class Node:
             return
         to_seq = last
         if missed:
-            for m in self._missed(state.id, last, missed):
+            for m in self.hub.missed(state.id, last, missed, self._read_missed(state.id)):
                 conn.send(m)
                 to_seq = m.seq
         conn.send(Resumed(conv=conv_hex, from_seq=last + 1, to_seq=to_seq))
@@ -1163,14 +1090,14 @@ class Node:
             if state is None:
                 continue
             conv_hex = format_conv_id(effect.conv)
-            visitor = self._conns.get(("visitor", state.visitor_id), set())
+            visitor = self.hub.connections(("visitor", state.visitor_id))
             if isinstance(effect, Assign):
                 self._presence_changed(effect.agent_id)
                 agent = self.pool.get(effect.agent_id)
                 ref = AgentRef(id=effect.agent_id, name=agent.name)
-                for c in list(visitor):
+                for c in visitor:
                     c.send(Assigned(conv=conv_hex, agent=ref))
-                agent_conns = self._conns.get(("agent", effect.agent_id))
+                agent_conns = self.hub.connections(("agent", effect.agent_id))
                 if not agent_conns:
                     continue
                 recent = [_msg_frame(m) for m in self.store.tail(effect.conv, ASSIGNED_RECENT)]
@@ -1184,18 +1111,18 @@ class Node:
                     user_id=state.user_id,
                     metadata=meta or None,
                 )
-                frame = _Encoded(
+                frame = Encoded(
                     Assigned(conv=conv_hex, agent=ref, visitor=profile, messages=recent)
                 )
-                for c in list(agent_conns):
+                for c in agent_conns:
                     frame.send(c)
             elif isinstance(effect, (Queue, PositionChanged)):
-                for c in list(visitor):
+                for c in visitor:
                     c.send(Queued(conv=conv_hex, position=effect.position))
             elif isinstance(effect, Unassign):
                 self._presence_changed(effect.agent_id)
                 to = transferred_to if transferred_to is not None else (state.agent_id or "")
-                for c in list(self._conns.get(("agent", effect.agent_id), ())):
+                for c in self.hub.connections(("agent", effect.agent_id)):
                     c.send(Transferred(conv=conv_hex, to=to))
             elif isinstance(effect, Requeue):
                 self._presence_changed(effect.agent_id)
@@ -1217,23 +1144,11 @@ class Node:
     def _flush_presence(self) -> None:
         self._presence_scheduled = False
         dirty, self._presence_dirty = self._presence_dirty, set()
-        agents = [conns for (role, _), conns in self._conns.items() if role == "agent"]
-        if not agents:
-            return
-        for agent_id in dirty:
-            if agent_id not in self.pool:
-                continue
-            frame = _Encoded(Presence(agent=self._presence_of(agent_id)))
-            for conns in agents:
-                for c in list(conns):
-                    frame.send(c)
+        self.hub.send_role(
+            "agent",
+            [Presence(agent=self._presence_of(a)) for a in dirty if a in self.pool],
+        )
 
 
 def _ack(state: ConversationState, client_msg_id: str, seq: int, ts: int, dup: bool) -> Ack:
     return Ack(conv=format_conv_id(state.id), client_msg_id=client_msg_id, seq=seq, ts=ts, dup=dup)
-
-
-def _frame_tag(frame: object) -> str:
-    config = getattr(type(frame), "__struct_config__", None)
-    tag = getattr(config, "tag", None)
-    return tag if isinstance(tag, str) else type(frame).__name__

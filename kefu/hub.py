@@ -1,0 +1,208 @@
+"""Live connections of one node: who is connected as whom, fan-out, and recent messages.
+
+The :class:`Hub` knows connections and frames, not conversations: the node tells it who takes
+part (``(role, id)`` principals) and what to send. It keeps
+
+- the live connections of each principal (a person may have several tabs or devices: every
+  frame for them goes to each);
+- the rings of recent messages per conversation (``_core.ringbuf``) that resume replays from
+  without reading the store.
+
+Fan-out encodes a frame once per encoding in use (JSON, MessagePack), not once per
+connection: one ``msg`` to a visitor with three tabs and an agent costs one encode.
+
+Bounds
+------
+===================  ===============================  ======================================
+what                 limit                            when full
+===================  ===============================  ======================================
+connections          ``ws.max_connections`` (the WS   503 at the upgrade (:mod:`kefu.web.ws`)
+                     front refuses more)
+rings                :data:`MAX_RINGS` conversations  least recently used ring dropped; a
+                     x :data:`RING_CAPACITY` messages resume then reads the store
+===================  ===============================  ======================================
+
+Metrics: :meth:`Hub.stats`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Final, cast
+
+from kefu._core import ringbuf as _ringbuf
+from kefu.protocol import Msg, encode_json, encode_msgpack
+from kefu.web.ws import Connection
+
+if TYPE_CHECKING:
+    from kefu._core.ringbuf import RingBuffer
+
+__all__ = ["MAX_RINGS", "RING_CAPACITY", "Encoded", "Hub", "Principal", "frame_tag"]
+
+RING_CAPACITY: Final = 320  # recent messages kept per conversation (>= the resume limit, 300)
+MAX_RINGS: Final = 10_000  # conversations with a ring; least recently used dropped first
+
+Principal = tuple[str, str]  # (role, id)
+
+
+def frame_tag(frame: object) -> str:
+    """The ``type`` a frame is written with."""
+    config = getattr(type(frame), "__struct_config__", None)
+    tag = getattr(config, "tag", None)
+    return tag if isinstance(tag, str) else type(frame).__name__
+
+
+class Encoded:
+    """One frame encoded at most once per encoding, for fan-out to many connections."""
+
+    __slots__ = ("_json", "_msgpack", "frame", "kind")
+
+    def __init__(self, frame: object) -> None:
+        self.frame = frame
+        self.kind = frame_tag(frame)
+        self._json: bytes | None = None
+        self._msgpack: bytes | None = None
+
+    def send(self, conn: Connection) -> None:
+        if conn.msgpack:
+            if self._msgpack is None:
+                self._msgpack = encode_msgpack(self.frame)
+            conn.send_encoded(self._msgpack, self.kind)
+        else:
+            if self._json is None:
+                self._json = encode_json(self.frame)
+            conn.send_encoded(self._json, self.kind)
+
+
+class Hub:
+    """Connections by principal, fan-out and the rings of recent messages (module doc)."""
+
+    def __init__(self, max_rings: int = MAX_RINGS, ring_capacity: int = RING_CAPACITY) -> None:
+        self.max_rings = max_rings
+        self.ring_capacity = ring_capacity
+        self._conns: dict[Principal, set[Connection]] = {}
+        self._registered: dict[Connection, Principal] = {}
+        self._rings: OrderedDict[int, RingBuffer] = OrderedDict()
+        self.rings_dropped = 0
+        self.replayed_from_ring = 0
+        self.replayed_from_store = 0
+
+    # -- connections ------------------------------------------------------------------------
+
+    def register(self, conn: Connection, key: Principal) -> bool:
+        """Add ``conn`` as ``key``; True when it is the principal's first live connection."""
+        conns = self._conns.get(key)
+        first = conns is None
+        if conns is None:
+            conns = self._conns[key] = set()
+        conns.add(conn)
+        self._registered[conn] = key
+        return first
+
+    def unregister(self, conn: Connection) -> tuple[Principal, bool] | None:
+        """Forget ``conn``: ``(key, last)`` where ``last`` says no connection of ``key`` is
+        left; None for a connection that was never registered."""
+        key = self._registered.pop(conn, None)
+        if key is None:
+            return None
+        conns = self._conns.get(key)
+        if conns is None:
+            return key, True
+        conns.discard(conn)
+        if conns:
+            return key, False
+        del self._conns[key]
+        return key, True
+
+    def key_of(self, conn: Connection) -> Principal | None:
+        return self._registered.get(conn)
+
+    def connections(self, key: Principal) -> list[Connection]:
+        """A snapshot of ``key``'s live connections (safe to send to while iterating)."""
+        conns = self._conns.get(key)
+        return list(conns) if conns else []
+
+    def is_connected(self, key: Principal) -> bool:
+        return key in self._conns
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def send(self, keys: Iterable[Principal], frame: object, skip: Principal | None = None) -> int:
+        """``frame`` to every connection of ``keys`` but ``skip``; returns how many got it."""
+        encoded: Encoded | None = None
+        sent = 0
+        for key in keys:
+            if key == skip:
+                continue
+            conns = self._conns.get(key)
+            if not conns:
+                continue
+            if encoded is None:
+                encoded = Encoded(frame)
+            for c in list(conns):
+                encoded.send(c)
+                sent += 1
+        return sent
+
+    def send_role(self, role: str, frames: Iterable[object]) -> None:
+        """Each of ``frames`` to every connection of every principal of ``role``."""
+        targets = [conns for (r, _), conns in self._conns.items() if r == role]
+        if not targets:
+            return
+        for frame in frames:
+            encoded = Encoded(frame)
+            for conns in targets:
+                for c in list(conns):
+                    encoded.send(c)
+
+    # -- recent messages --------------------------------------------------------------------
+
+    def remember(self, conv: int, msg: Msg) -> None:
+        """Keep ``msg`` in ``conv``'s ring (seqs contiguous; a gap restarts the ring)."""
+        rings = self._rings
+        ring = rings.get(conv)
+        if ring is None:
+            ring = rings[conv] = _ringbuf.RingBuffer(self.ring_capacity, keyed=True)
+            if len(rings) > self.max_rings:
+                rings.popitem(last=False)
+                self.rings_dropped += 1
+        else:
+            rings.move_to_end(conv)
+        last = ring.last_key
+        if last is not None and msg.seq <= last:
+            return  # acks resolved out of order: the ring starts later, resume reads the store
+        if last is not None and msg.seq != last + 1:
+            ring.clear()
+        ring.append(msg, msg.seq)
+
+    def forget(self, conv: int) -> None:
+        self._rings.pop(conv, None)
+
+    def missed(
+        self, conv: int, last_seq: int, count: int, read_store: Callable[[int, int], list[Msg]]
+    ) -> list[Msg]:
+        """The messages after ``last_seq`` (``count`` of them): from the ring when it reaches
+        back far enough, else ``read_store(last_seq, count)``."""
+        ring = self._rings.get(conv)
+        if ring is not None and ring.first_key is not None and ring.first_key <= last_seq + 1:
+            self._rings.move_to_end(conv)
+            self.replayed_from_ring += 1
+            return cast("list[Msg]", ring.since(last_seq))
+        self.replayed_from_store += 1
+        return read_store(last_seq, count)
+
+    def stats(self) -> dict[str, int]:
+        by_role: dict[str, int] = {}
+        for (role, _), conns in self._conns.items():
+            by_role[role] = by_role.get(role, 0) + len(conns)
+        return {
+            "principals": len(self._conns),
+            "visitor_connections": by_role.get("visitor", 0),
+            "agent_connections": by_role.get("agent", 0),
+            "rings": len(self._rings),
+            "rings_max": self.max_rings,
+            "rings_dropped_total": self.rings_dropped,
+            "replayed_from_ring_total": self.replayed_from_ring,
+            "replayed_from_store_total": self.replayed_from_store,
+        }

@@ -1,0 +1,113 @@
+"""The hub on its own, with stand-in connections: registration, encode-once fan-out, rings."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import msgspec
+
+from kefu.hub import Hub
+from kefu.protocol import Msg, Sender, TypingRelay
+from kefu.web.ws import Connection
+
+
+class FakeConnection:
+    def __init__(self, msgpack: bool = False) -> None:
+        self.msgpack = msgpack
+        self.got: list[tuple[bytes, str]] = []
+
+    def send_encoded(self, data: bytes, kind: str) -> bool:
+        self.got.append((data, kind))
+        return True
+
+
+def conn(msgpack: bool = False) -> Any:
+    return cast(Connection, FakeConnection(msgpack))
+
+
+def msg(seq: int) -> Msg:
+    return Msg(
+        conv="00000000000000aa",
+        seq=seq,
+        epoch=1,
+        id=f"m{seq}",
+        from_=Sender(role="visitor", id="v", name="visitor"),
+        text=f"text {seq}",
+        ts=seq,
+    )
+
+
+def test_register_and_unregister_track_first_and_last() -> None:
+    hub = Hub()
+    a1, a2 = conn(), conn()
+    assert hub.register(a1, ("agent", "alice")) is True
+    assert hub.register(a2, ("agent", "alice")) is False
+    assert hub.key_of(a1) == ("agent", "alice")
+    assert hub.unregister(a1) == (("agent", "alice"), False)
+    assert hub.unregister(a1) is None  # twice: nothing
+    assert hub.unregister(a2) == (("agent", "alice"), True)
+    assert not hub.is_connected(("agent", "alice"))
+    assert hub.stats()["principals"] == 0
+
+
+def test_fan_out_encodes_once_per_encoding(monkeypatch: Any) -> None:
+    import kefu.hub as hub_module
+
+    calls = {"json": 0, "msgpack": 0}
+    real_json, real_mp = hub_module.encode_json, hub_module.encode_msgpack
+
+    def count_json(frame: object) -> bytes:
+        calls["json"] += 1
+        return real_json(frame)
+
+    def count_mp(frame: object) -> bytes:
+        calls["msgpack"] += 1
+        return real_mp(frame)
+
+    monkeypatch.setattr(hub_module, "encode_json", count_json)
+    monkeypatch.setattr(hub_module, "encode_msgpack", count_mp)
+    hub = Hub()
+    tabs = [conn() for _ in range(3)]
+    packed = conn(msgpack=True)
+    for c in tabs:
+        hub.register(c, ("visitor", "v"))
+    hub.register(packed, ("agent", "alice"))
+    other = conn()
+    hub.register(other, ("agent", "bob"))
+    frame = TypingRelay(conv="00000000000000aa", from_=Sender(role="visitor", id="v", name="v"))
+    sent = hub.send([("visitor", "v"), ("agent", "alice"), ("agent", "nobody")], frame)
+    assert sent == 4 and calls == {"json": 1, "msgpack": 1}
+    for c in tabs:
+        ((data, kind),) = c.got
+        assert kind == "typing" and msgspec.json.decode(data)["from"]["id"] == "v"
+    assert msgspec.msgpack.decode(packed.got[0][0])["type"] == "typing"
+    assert other.got == []  # not a participant
+    # skip leaves out the sender's own connections
+    assert hub.send([("visitor", "v"), ("agent", "alice")], frame, skip=("visitor", "v")) == 1
+
+
+def test_rings_are_bounded_and_replay_contiguous_seqs() -> None:
+    hub = Hub(max_rings=2, ring_capacity=4)
+    store_reads: list[tuple[int, int]] = []
+
+    def read_store(last: int, count: int) -> list[Msg]:
+        store_reads.append((last, count))
+        return [msg(s) for s in range(last + 1, last + 1 + count)]
+
+    for s in range(1, 7):
+        hub.remember(1, msg(s))
+    # The ring holds 3..6: a client at 2 is served from it, one at 1 from the store.
+    assert [m.seq for m in hub.missed(1, 2, 4, read_store)] == [3, 4, 5, 6]
+    assert store_reads == []
+    assert [m.seq for m in hub.missed(1, 1, 5, read_store)] == [2, 3, 4, 5, 6]
+    assert store_reads == [(1, 5)]
+    # A gap restarts the ring; an older seq (acks out of order) is not added.
+    hub.remember(1, msg(9))
+    hub.remember(1, msg(8))
+    assert [m.seq for m in hub.missed(1, 8, 1, read_store)] == [9]
+    # Past max_rings the least recently used conversation loses its ring.
+    hub.remember(2, msg(1))
+    hub.remember(3, msg(1))
+    assert hub.stats()["rings"] == 2 and hub.stats()["rings_dropped_total"] == 1
+    hub.missed(1, 0, 1, read_store)
+    assert store_reads[-1] == (0, 1)  # conversation 1 was the one dropped
