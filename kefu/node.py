@@ -95,9 +95,9 @@ import os
 import ssl as ssl_module
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Final, cast
+from typing import Final, Literal, cast
 
 import msgspec
 
@@ -106,6 +106,7 @@ from kefu.config import Config
 from kefu.conversations import Conversations, ConversationState, may_see, may_write
 from kefu.errors import KefuError
 from kefu.hub import Encoded, Hub, Principal, frame_tag
+from kefu.metrics import LATENCY_BUCKETS, CollectedFamily, Registry
 from kefu.protocol import (
     MAX_TEXT_CHARS,
     PROTOCOL_VERSION,
@@ -312,6 +313,8 @@ class Node:
         self.expired_total = 0
         self.messages_total = 0
         self.duplicates_total = 0
+        self.metrics = Registry()
+        self._register_metrics()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -692,7 +695,61 @@ class Node:
         )
 
     def metrics_text(self) -> bytes:
-        return b""
+        """``GET /metrics``: Prometheus text (``kefu.metrics.CONTENT_TYPE``)."""
+        return self.metrics.render()
+
+    def _register_metrics(self) -> None:
+        reg = self.metrics
+        messages = reg.counter(
+            "kefu_messages_total", "Messages stored, by the sender's role.", ["role"]
+        )
+        self._m_messages = {r: messages.labels(r) for r in ("visitor", "agent", "bot", "system")}
+        self._m_persist = reg.histogram(
+            "kefu_message_persist_seconds",
+            "From taking a message to its durable write (the wait before its ack).",
+            LATENCY_BUCKETS,
+        )
+        self._m_dups = reg.counter(
+            "kefu_message_duplicates_total", "Sends answered as duplicates of a client_msg_id."
+        )
+        reg.register_collector(self._collect_node, name="node")
+        # One collector per component: a failing one loses only its own families.
+        reg.register_collector(
+            lambda: _families("kefu_conversations", self.conversations.stats()),
+            name="conversations",
+        )
+        reg.register_collector(
+            lambda: _families("kefu_routing", self.routing.stats(_now_ms())), name="routing"
+        )
+        reg.register_collector(lambda: _families("kefu_hub", self.hub.stats()), name="hub")
+        reg.register_collector(
+            lambda: (
+                []
+                if self._store is None
+                else _families("kefu_store", self._store.stats(), _STORE_COUNTERS)
+            ),
+            name="store",
+        )
+        reg.register_collector(
+            lambda: (
+                []
+                if self.ws is None
+                else _families("kefu_ws", self.ws.stats(), _WS_COUNTERS, _WS_LABELS)
+            ),
+            name="ws",
+        )
+
+    def _collect_node(self) -> list[CollectedFamily]:
+        up = time.monotonic() - self.started_at if self.started_at else 0.0
+        return [
+            CollectedFamily("kefu_uptime_seconds", "gauge", "Seconds since start.", [({}, up)]),
+            CollectedFamily(
+                "kefu_healthy",
+                "gauge",
+                "1 when /healthz answers ok.",
+                [({}, 1.0 if self.health().status == "ok" else 0.0)],
+            ),
+        ]
 
     # -- admin: agents ----------------------------------------------------------------------
 
@@ -950,6 +1007,7 @@ class Node:
                 if found and found[0].seq == dup:
                     ts = found[0].ts
                 self.duplicates_total += 1
+                self._m_dups.inc()
                 if conn is not None:
                     conn.send(_ack(state, client_msg_id, dup, ts, True))
                 return dup, ts, True
@@ -975,8 +1033,11 @@ class Node:
         except BaseException:
             state.top_seq -= 1  # nothing was enqueued: give the seq back (no await since)
             raise
+        t0 = time.perf_counter()
         await fut
+        self._m_persist.observe(time.perf_counter() - t0)
         self.messages_total += 1
+        self._m_messages[role].inc()
         if conn is not None and client_msg_id is not None:
             conn.send(_ack(state, client_msg_id, seq, now, False))
         out = _msg_frame(msg)
@@ -1152,3 +1213,63 @@ class Node:
 
 def _ack(state: ConversationState, client_msg_id: str, seq: int, ts: int, dup: bool) -> Ack:
     return Ack(conv=format_conv_id(state.id), client_msg_id=client_msg_id, seq=seq, ts=ts, dup=dup)
+
+
+# Component stats keys that are counters though their names do not end in ``_total``.
+_STORE_COUNTERS: Final = frozenset(
+    {"batches_written", "messages_written", "ops_written", "syncs", "busy_rejections"}
+)
+_WS_COUNTERS: Final = frozenset(
+    {
+        "connections_total",
+        "slow_consumer_closes",
+        "rate_limit_closes",
+        "hello_timeouts",
+        "pong_timeouts",
+        "auth_failures",
+        "refused",
+        "frames_in",
+        "frames_out",
+        "errors",
+        "closes_sent",
+    }
+)
+# Nested dicts of ws.stats(): the label their keys become.
+_WS_LABELS: Final = {
+    "refused": "reason",
+    "frames_in": "type",
+    "frames_out": "type",
+    "errors": "code",
+    "closes_sent": "code",
+}
+
+
+def _metric_name(prefix: str, key: str) -> str:
+    name = "".join(c if c.isalnum() else "_" for c in key.lower())
+    return f"{prefix}_{name}"
+
+
+def _families(
+    prefix: str,
+    stats: Mapping[str, object],
+    counters: frozenset[str] = frozenset(),
+    labels: Mapping[str, str] | None = None,
+) -> list[CollectedFamily]:
+    """A component's ``stats()`` as metric families: keys ending in ``_total`` and those in
+    ``counters`` are counters (named ``..._total``), the rest gauges; a nested dict becomes one
+    family labelled by ``labels[key]``."""
+    out: list[CollectedFamily] = []
+    for key, value in stats.items():
+        counter = key.endswith("_total") or key in counters
+        name = _metric_name(prefix, key)
+        if counter and not name.endswith("_total"):
+            name += "_total"
+        kind: Literal["counter", "gauge"] = "counter" if counter else "gauge"
+        help_text = f"{prefix.removeprefix('kefu_')} {key.replace('_', ' ')}"
+        if isinstance(value, dict):
+            label = (labels or {}).get(key, "key")
+            samples = [({label: str(k)}, float(v)) for k, v in value.items()]
+            out.append(CollectedFamily(name, kind, help_text, samples))
+        elif isinstance(value, (int, float)):
+            out.append(CollectedFamily(name, kind, help_text, [({}, float(value))]))
+    return out

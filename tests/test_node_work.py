@@ -340,3 +340,46 @@ def test_first_start_creates_admin_token_and_demo_agent(tmp_path: Path) -> None:
             await again.stop()
 
     run(body)
+
+
+def test_metrics_follow_the_traffic(tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples(node: Node) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = node.metrics_text().decode()
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    async def body() -> None:
+        node = Node(config(tmp_path))
+        await node.start()
+        try:
+            alice = await agent_online(node, ALICE)
+            conv, _v, token, *_ = await node.create_chat()
+            await recv(alice, "assigned")
+            visitor, _ = await hello(node, token)
+            for i in range(3):
+                await say(visitor, conv, f"v{i}", "hi")
+            await say(visitor, conv, "v0", "hi")  # a duplicate
+            await say(alice, conv, "a0", "hello")
+            got = samples(node)
+            assert got[("kefu_messages_total", (("role", "visitor"),))] == 3
+            assert got[("kefu_messages_total", (("role", "agent"),))] == 1
+            assert got[("kefu_message_duplicates_total", ())] == 1
+            assert got[("kefu_message_persist_seconds_count", ())] == 4
+            assert got[("kefu_conversations_open_assigned", ())] == 1
+            assert got[("kefu_routing_load", ())] == 1
+            assert got[("kefu_hub_visitor_connections", ())] == 1
+            assert got[("kefu_ws_frames_in_total", (("type", "send"),))] == 5
+            assert got[("kefu_store_messages_written_total", ())] >= 4
+            assert got[("kefu_healthy", ())] == 1
+            assert got[("process_resident_memory_bytes", ())] > 0
+            await alice.close()
+            await visitor.close()
+        finally:
+            await node.stop()
+
+    run(body)
