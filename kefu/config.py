@@ -134,7 +134,6 @@ class HttpConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     host: Host = "127.0.0.1"
     port: Port = 8080
     max_body_bytes: Annotated[int, Meta(ge=KiB, le=64 * MiB)] = MiB
-    request_timeout_s: Seconds = 30.0
 
 
 class RateConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

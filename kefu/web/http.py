@@ -1,0 +1,548 @@
+"""The REST front of one node, on aiohttp: PROTOCOL.md's REST table, nothing more.
+
+Every handler reads its input (path, query, ``Authorization``, JSON body), calls one public
+method of :class:`~kefu.node.Node` and writes the answer. The chat logic lives in the node, so a
+REST call and the WebSocket frame that does the same thing run the same code.
+
+Errors
+------
+One middleware turns every refusal into ``{"error": {"code", "message"}}``
+(:class:`~kefu.protocol.ErrorBody`), never a 200 with an error inside and never a stack trace:
+
+- a :class:`~kefu.errors.KefuError` gets the status of its ``code`` from :data:`STATUS_OF_CODE`
+  (a code not in the table is a server bug: 500 ``internal``, logged); 401 carries
+  ``WWW-Authenticate: Bearer``, 429 and 503 ``Retry-After`` (:data:`RETRY_AFTER_S`);
+- aiohttp's own refusals keep their status with a snake_case code: an unknown path is 404
+  ``not_found``, a known path with another method 405 ``method_not_allowed`` (with ``Allow``),
+  a body over :data:`MAX_BODY_BYTES` 413 ``payload_too_large``;
+- any other exception is 500 ``internal`` with the message ``internal error``; the exception is
+  logged with its traceback, the client sees neither.
+
+Malformed HTTP (a broken request line, a header over ``max_field_size``) is answered by
+aiohttp's protocol layer before any middleware runs, with its own plain-text 400: there is no
+request yet to route.
+
+Request bodies
+--------------
+A POST or PATCH body must be JSON: ``Content-Type: application/json``, with an optional
+``charset`` parameter that must then be ``utf-8`` (RFC 8259: JSON exchanged between systems is
+UTF-8). Anything else, an absent ``Content-Type`` included, is 415 ``unsupported_media_type``:
+one rule with no guessing, and a form post from a foreign page (which cannot set that type
+without a CORS preflight) never reaches a handler. The body is decoded with
+:func:`~kefu.protocol.decode_body`: not JSON or not an object is 400 ``bad_request``, a field
+missing, mistyped or out of its limits 400 ``invalid`` with the field named. An empty object is
+a valid body for ``/v1/chat/create`` (every field is optional).
+
+Authentication and authorisation
+--------------------------------
+``Authorization: Bearer <token>`` (scheme case-insensitive). No header, another scheme or an
+empty token is 401 ``unauthorized`` with ``WWW-Authenticate: Bearer``; a token that does not
+grant the request is 403 ``forbidden``. For the chat operations the order is:
+authentication, then the body, then authorisation against the session the body names (the
+session of a visitor token is only known once the body is read). The admin token is checked
+before the body is read.
+
+- ``/v1/chat/create``, ``/v1/config``, ``/healthz``, ``/metrics``, ``/openapi.json``: public
+  (``create`` applies the ``identity`` rules: a wrong ``user_hash`` is 401).
+- ``send``, ``close``, ``messages``: the visitor token of that very session, or the API key
+  (acting as the session's visitor).
+- ``/v1/admin/...``: the admin token.
+
+A ``session_id`` in the path that is not a conversation id is 404 ``not_found`` (no such
+session); in a body it is 400 ``invalid`` (the body's schema says what it must look like).
+
+Streaming
+---------
+``send`` with ``stream: true`` answers ``text/event-stream``: one ``msg`` event per reply (the
+bot's answers, PROTOCOL.md), then one ``done`` event whose data is the
+:class:`~kefu.protocol.SendResponse` JSON. With no reply (no bot) the stream is the ``done``
+event alone. The message is stored before the stream starts, so a refusal is still an ordinary
+JSON error with its status.
+
+Bounds and timeouts
+-------------------
+=========================  =====================================  ===========================
+what                       limit                                  beyond
+=========================  =====================================  ===========================
+request body               ``http.max_body_bytes`` (1 MiB; 16,000  413 ``payload_too_large``
+                           characters of text are 64 KB at most)  (checked on Content-Length
+                                                                  first, else while reading)
+request line, header       aiohttp's 8190 bytes each, 128 headers 400 from aiohttp
+idle keep-alive            :data:`KEEPALIVE_TIMEOUT_S`            connection closed
+in-flight requests at      :data:`SHUTDOWN_TIMEOUT_S`, then       cancelled
+stop                       :data:`CANCEL_TIMEOUT_S` to end
+query parameters           ``after`` 0..2**63-1, ``limit``        400 ``invalid`` naming the
+                           1..500 (default 50), once each         parameter
+=========================  =====================================  ===========================
+
+No handler timeout: a handler awaits only the node, whose writes are bounded by the store's
+group-commit queue (a full queue is 503 ``busy`` at once, never a wait). Cancelling a handler
+half-way would cancel the store's future under a write that still happens. For the same reason
+a client that disconnects does not cancel its handler (aiohttp's ``handler_cancellation`` stays
+off). No state is kept per request beyond the request itself; the server keeps one counter,
+the requests in flight, for a graceful :meth:`HttpServer.stop`.
+
+Not bounded here: the time a client takes to send its headers or body. aiohttp has no read
+timeout for a request in progress (``KEEPALIVE_TIMEOUT_S`` covers the idle time between
+requests); a deployment open to the Internet puts a reverse proxy with such timeouts in front.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import ssl as ssl_module
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from kefu.config import Config
+from kefu.errors import KefuError
+from kefu.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from kefu.node import Node
+from kefu.protocol import (
+    DEFAULT_SYNC_LIMIT,
+    MAX_SEQ,
+    MAX_SYNC_LIMIT,
+    AgentCreate,
+    AgentUpdate,
+    CloseRequest,
+    CloseResponse,
+    CreateChatRequest,
+    CreateChatResponse,
+    ErrorBody,
+    ErrorDetail,
+    SendRequest,
+    SendResponse,
+    decode_body,
+    encode_json,
+    is_conv_id,
+)
+from kefu.web.openapi import openapi_json
+
+__all__ = [
+    "CANCEL_TIMEOUT_S",
+    "JSON_CONTENT_TYPE",
+    "KEEPALIVE_TIMEOUT_S",
+    "MAX_BODY_BYTES",
+    "SHUTDOWN_TIMEOUT_S",
+    "STATUS_OF_CODE",
+    "HttpServer",
+    "status_of",
+]
+
+log = logging.getLogger("kefu.http")
+
+#: Largest request body. The biggest legal body (a ``send`` of 16,000 four-byte characters, or
+#: an agent with 64 groups) is far below it.
+MAX_BODY_BYTES: Final = 1 << 20  # the default of http.max_body_bytes
+_MAX_BODY: Final = web.AppKey("max_body_bytes", int)
+#: An idle keep-alive connection is closed after this long (aiohttp's default is an hour).
+KEEPALIVE_TIMEOUT_S: Final = 15.0
+#: ``stop()`` waits this long for the requests in flight to finish ...
+SHUTDOWN_TIMEOUT_S: Final = 5.0
+#: ... then gives those still running this long to end once cancelled.
+CANCEL_TIMEOUT_S: Final = 1.0
+
+#: ``Retry-After`` of a 429 or 503 refusal: the store's queue drains within a group commit or
+#: a few, so a second is long enough not to hammer it and short enough for a visitor waiting.
+RETRY_AFTER_S: Final = "1"
+
+JSON_CONTENT_TYPE: Final = "application/json"
+EVENT_STREAM_CONTENT_TYPE: Final = "text/event-stream"
+
+#: Error code -> HTTP status; a code not here is 500.
+STATUS_OF_CODE: Final[dict[str, int]] = {
+    "bad_request": 400,
+    "invalid": 400,
+    "unknown_group": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "unknown_agent": 404,
+    "method_not_allowed": 405,
+    "conflict": 409,
+    "conversation_closed": 409,
+    "invalid_state": 409,
+    "agent_unavailable": 409,
+    "not_queued": 409,
+    "not_assigned": 409,
+    "payload_too_large": 413,
+    "unsupported_media_type": 415,
+    "rate_limited": 429,
+    "unsupported": 501,
+    "queue_full": 503,
+    "busy": 503,
+    "unavailable": 503,
+    "too_many_conversations": 503,
+}
+
+#: aiohttp's own refusals (raised by its router and body reader) -> error code.
+_CODE_OF_HTTP_STATUS: Final[dict[int, str]] = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+_HTTP_MESSAGES: Final[dict[int, str]] = {
+    404: "no such path",
+    405: "method not allowed on this path",
+    413: "request body is larger than http.max_body_bytes",
+}
+
+_DIGITS: Final = re.compile(r"[0-9]{1,19}")
+_BEARER: Final = "bearer "
+
+
+def status_of(code: str) -> int:
+    """The HTTP status of an error ``code`` (500 for a code the table does not know)."""
+    return STATUS_OF_CODE.get(code, 500)
+
+
+class _Refusal(KefuError):
+    """A refusal made by this module (content type, size, query, credentials)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    body = encode_json(ErrorBody(error=ErrorDetail(code=code, message=message)))
+    return web.Response(status=status, body=body, content_type=JSON_CONTENT_TYPE, headers=headers)
+
+
+def _json(body: object, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=encode_json(body), content_type=JSON_CONTENT_TYPE)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every refusal as :class:`ErrorBody` with its status (module doc, "Errors")."""
+    try:
+        return await handler(request)
+    except KefuError as exc:
+        status = status_of(exc.code)
+        if status == 500:
+            log.exception(
+                "%s %s: error code %r has no status", request.method, request.path, exc.code
+            )
+            return _error_response(500, "internal", "internal error")
+        headers = None
+        if status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
+        elif status in (429, 503):
+            headers = {"Retry-After": RETRY_AFTER_S}
+        return _error_response(status, exc.code, str(exc), headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise  # a redirect or a success raised on purpose is not an error
+        code = _CODE_OF_HTTP_STATUS.get(exc.status)
+        if code is None:
+            code = re.sub(r"[^a-z0-9]+", "_", exc.reason.lower()).strip("_") or "error"
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        message = _HTTP_MESSAGES.get(exc.status, exc.reason)
+        return _error_response(exc.status, code, message, headers)
+    except ConnectionResetError:
+        raise  # the client went away (e.g. during an event stream): nobody to answer
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return _error_response(500, "internal", "internal error")
+
+
+# ---------------------------------------------------------------------------------------------
+# Input
+
+
+def _bearer(request: web.Request) -> str:
+    """The bearer token of the request; 401 ``unauthorized`` when there is none."""
+    header = request.headers.get("Authorization", "")
+    if header[: len(_BEARER)].lower() != _BEARER:
+        raise _Refusal("unauthorized", "missing `Authorization: Bearer <token>`")
+    token = header[len(_BEARER) :].strip()
+    if not token:
+        raise _Refusal("unauthorized", "empty bearer token")
+    return token
+
+
+def _check_content_type(request: web.Request) -> None:
+    """``application/json``, optionally with ``charset=utf-8`` (module doc, "Request bodies")."""
+    header = request.headers.get("Content-Type")
+    if header is None:
+        raise _Refusal("unsupported_media_type", "Content-Type must be application/json")
+    media, _, params = header.partition(";")
+    if media.strip().lower() != JSON_CONTENT_TYPE:
+        raise _Refusal("unsupported_media_type", "Content-Type must be application/json")
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in (
+            "utf-8",
+            "utf8",
+        ):
+            raise _Refusal("unsupported_media_type", "JSON bodies must be UTF-8")
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The request body after the content-type and size checks."""
+    _check_content_type(request)
+    length = request.content_length
+    limit = request.app[_MAX_BODY]
+    if length is not None and length > limit:
+        raise _Refusal("payload_too_large", f"request body is larger than {limit} bytes")
+    return await request.read()  # client_max_size: HTTPRequestEntityTooLarge past the limit
+
+
+def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    values = request.query.getall(name, [])
+    if not values:
+        return default
+    if len(values) > 1:
+        raise _Refusal("invalid", f"query parameter `{name}` is given more than once")
+    text = values[0]
+    if _DIGITS.fullmatch(text) is None or not low <= int(text) <= high:
+        raise _Refusal(
+            "invalid", f"query parameter `{name}` must be an integer between {low} and {high}"
+        )
+    return int(text)
+
+
+class HttpServer:
+    """The REST API of ``node`` on ``config.http`` (module doc). ``await start()``, then
+    ``await stop()``."""
+
+    def __init__(
+        self, config: Config, node: Node, *, ssl: ssl_module.SSLContext | None = None
+    ) -> None:
+        self.config = config
+        self.node = node
+        self._ssl = ssl
+        self._runner: web.AppRunner | None = None
+        self._port: int | None = None
+        self._in_flight = 0
+        self._stopping = False
+        self._drained: asyncio.Event | None = None
+        self.app = self._make_app()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Requests whose handler is running (from the headers to the end of the answer)."""
+        return self._in_flight
+
+    def _make_app(self) -> web.Application:
+        @web.middleware
+        async def count_in_flight(request: web.Request, handler: Handler) -> web.StreamResponse:
+            self._in_flight += 1
+            try:
+                response = await handler(request)
+                if self._stopping:
+                    response.force_close()  # no next request on this connection
+                return response
+            finally:
+                self._in_flight -= 1
+                if self._in_flight == 0 and self._drained is not None:
+                    self._drained.set()
+
+        limit = self.config.http.max_body_bytes
+        app = web.Application(
+            middlewares=[count_in_flight, error_middleware], client_max_size=limit
+        )
+        app[_MAX_BODY] = limit
+        routes: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
+            ("POST", "/v1/chat/create", self.create_chat),
+            ("POST", "/v1/chat/send", self.send),
+            ("POST", "/v1/chat/close", self.close_chat),
+            ("GET", "/v1/chat/{session_id}/messages", self.messages),
+            ("GET", "/v1/config", self.public_config),
+            ("GET", "/healthz", self.healthz),
+            ("GET", "/metrics", self.metrics),
+            ("GET", "/openapi.json", self.openapi),
+            ("GET", "/v1/admin/agents", self.list_agents),
+            ("POST", "/v1/admin/agents", self.create_agent),
+            ("GET", "/v1/admin/agents/{agent_id}", self.get_agent),
+            ("PATCH", "/v1/admin/agents/{agent_id}", self.update_agent),
+            ("DELETE", "/v1/admin/agents/{agent_id}", self.delete_agent),
+            ("POST", "/v1/admin/sessions/{session_id}/close", self.admin_close),
+        ]
+        for method, path, handler in routes:
+            # No implicit HEAD routes: the router holds exactly the documented operations.
+            app.router.add_route(method, path, handler)
+        return app
+
+    async def start(self) -> None:
+        http = self.config.http
+        runner = web.AppRunner(
+            self.app,
+            handle_signals=False,
+            keepalive_timeout=KEEPALIVE_TIMEOUT_S,
+            shutdown_timeout=CANCEL_TIMEOUT_S,
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, http.host, http.port, ssl_context=self._ssl)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        address = runner.addresses[0]
+        self._port = int(address[1])
+
+    @property
+    def port(self) -> int:
+        """The port the listener is bound to (the OS's pick when the config says 0)."""
+        if self._port is None:
+            raise RuntimeError("HTTP server not started")
+        return self._port
+
+    async def stop(self) -> None:
+        """Stop accepting, let the requests in flight finish, then close every connection.
+
+        The listener closes first. The requests in flight get :data:`SHUTDOWN_TIMEOUT_S` to
+        finish while their connections still read, so a body still arriving is received
+        (aiohttp's own shutdown stops reading at once, which would strand such a request);
+        their answers carry ``Connection: close``. Then aiohttp closes the idle connections
+        and cancels what is still running, waiting :data:`CANCEL_TIMEOUT_S` for it.
+        """
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        self._stopping = True
+        for site in list(runner.sites):
+            await site.stop()
+        if self._in_flight:
+            self._drained = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), SHUTDOWN_TIMEOUT_S)
+        await runner.cleanup()
+
+    # -- authorisation ----------------------------------------------------------------------
+
+    def _admin(self, request: web.Request) -> None:
+        if not self.node.is_admin(_bearer(request)):
+            raise _Refusal("forbidden", "this token is not the admin token")
+
+    def _session_caller(self, token: str, session_id: str) -> str | None:
+        """The visitor id acting on ``session_id`` (None: the API key, acting as the session's
+        visitor); 403 for any other token."""
+        if self.node.is_api_key(token):
+            return None
+        found = self.node.visitor_of_token(token)
+        if found is None or found[1] != session_id:
+            raise _Refusal("forbidden", "this token may not act on this session")
+        return found[0]
+
+    # -- chat -------------------------------------------------------------------------------
+
+    async def create_chat(self, request: web.Request) -> web.Response:
+        req = decode_body(await _read_body(request), CreateChatRequest)
+        node = self.node
+        node.check_identity(req.user_id, req.user_hash)
+        session_id, visitor_id, token, status, created = await node.create_chat(
+            user_id=req.user_id, name=req.name, metadata=req.metadata
+        )
+        body = CreateChatResponse(
+            session_id=session_id,
+            visitor_id=visitor_id,
+            token=token,
+            ws_url=node.public_config().ws_url,
+            status=status,
+        )
+        return _json(body, 201 if created else 200)
+
+    async def send(self, request: web.Request) -> web.StreamResponse:
+        token = _bearer(request)
+        req = decode_body(await _read_body(request), SendRequest)
+        visitor = self._session_caller(token, req.session_id)
+        result = await self.node.send_message(
+            req.session_id, req.text, req.client_msg_id, role="visitor", principal=visitor
+        )
+        answer = SendResponse(seq=result.seq, status=result.status, replies=result.replies)
+        if not req.stream:
+            return _json(answer)
+        stream = web.StreamResponse(
+            headers={"Content-Type": EVENT_STREAM_CONTENT_TYPE, "Cache-Control": "no-store"}
+        )
+        await stream.prepare(request)
+        for reply in result.replies:
+            await stream.write(b"event: msg\ndata: " + encode_json(reply) + b"\n\n")
+        await stream.write(b"event: done\ndata: " + encode_json(answer) + b"\n\n")
+        await stream.write_eof()
+        return stream
+
+    async def close_chat(self, request: web.Request) -> web.Response:
+        token = _bearer(request)
+        req = decode_body(await _read_body(request), CloseRequest)
+        visitor = self._session_caller(token, req.session_id)
+        await self.node.close_chat(req.session_id, by="visitor", principal=visitor)
+        return _json(CloseResponse(session_id=req.session_id, status="closed"))
+
+    async def messages(self, request: web.Request) -> web.Response:
+        token = _bearer(request)
+        session_id = request.match_info["session_id"]
+        after = _query_int(request, "after", 0, 0, MAX_SEQ)
+        limit = _query_int(request, "limit", DEFAULT_SYNC_LIMIT, 1, MAX_SYNC_LIMIT)
+        visitor = self._session_caller(token, session_id)
+        if not is_conv_id(session_id):  # only the API key gets here with such an id
+            raise _Refusal("not_found", "no such session")
+        page = self.node.history(session_id, after, limit, role="visitor", principal=visitor)
+        return _json(page)
+
+    # -- public -----------------------------------------------------------------------------
+
+    async def public_config(self, request: web.Request) -> web.Response:
+        return _json(self.node.public_config())
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        health = self.node.health()
+        return _json(health, 200 if health.status == "ok" else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.node.metrics_text(), headers={"Content-Type": METRICS_CONTENT_TYPE}
+        )
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=openapi_json(), content_type=JSON_CONTENT_TYPE)
+
+    # -- admin ------------------------------------------------------------------------------
+
+    async def list_agents(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        return _json(self.node.list_agents())
+
+    async def create_agent(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        req = decode_body(await _read_body(request), AgentCreate)
+        return _json(await self.node.create_agent(req), 201)
+
+    async def get_agent(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        return _json(self.node.get_agent(request.match_info["agent_id"]))
+
+    async def update_agent(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        req = decode_body(await _read_body(request), AgentUpdate)
+        return _json(await self.node.update_agent(request.match_info["agent_id"], req))
+
+    async def delete_agent(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        await self.node.delete_agent(request.match_info["agent_id"])
+        return web.Response(status=204)
+
+    async def admin_close(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        session_id = request.match_info["session_id"]
+        if not is_conv_id(session_id):
+            raise _Refusal("not_found", "no such session")
+        await self.node.close_chat(session_id, by="admin")
+        return _json(CloseResponse(session_id=session_id, status="closed"))

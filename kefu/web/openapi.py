@@ -1,0 +1,395 @@
+"""The OpenAPI 3.1 description of the REST API (``GET /openapi.json``).
+
+The schemas are not written by hand: they come from the msgspec Structs of
+:mod:`kefu.protocol` (``msgspec.json.schema_components(REST_BODIES)``), the same types the
+server decodes and encodes with, so the document cannot drift from the wire. This module adds
+what the Structs do not say: the operations, their parameters with their limits, the security
+schemes, and every status each operation can answer, error statuses included (each with
+:class:`~kefu.protocol.ErrorBody`). A test walks the aiohttp router and compares it with
+:data:`OPERATIONS`, so a route added without a description here fails.
+
+OpenAPI 3.1 schemas are JSON Schema 2020-12, which is msgspec's dialect; the patterns (with
+``$(?!\\n)``, see :data:`kefu.protocol.PATTERN_END`) mean the same in ECMAScript regexes.
+
+The document is built once, on first use, and kept encoded (:func:`openapi_json`): it depends
+only on the code, not on the configuration (no ``servers`` entry; a client uses the address it
+fetched the document from).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Final
+
+import msgspec
+
+from kefu._version import __version__
+from kefu.protocol import (
+    AGENT_ID_PATTERN,
+    CONV_ID_PATTERN,
+    DEFAULT_SYNC_LIMIT,
+    MAX_SEQ,
+    MAX_SYNC_LIMIT,
+    PROTOCOL_VERSION,
+    REST_BODIES,
+    encode_json,
+)
+
+__all__ = ["OPERATIONS", "openapi_document", "openapi_json"]
+
+_REF: Final = "#/components/schemas/{name}"
+
+#: Why each error status is answered, for the descriptions of the responses.
+_ERROR_WORDS: Final[dict[str, str]] = {
+    "400": "The body is not a JSON object (`bad_request`), or a field or query parameter is "
+    "missing, mistyped or out of its limits (`invalid`, the message names it).",
+    "401": "No `Authorization: Bearer` token (`unauthorized`).",
+    "403": "The token does not grant this operation (`forbidden`).",
+    "404": "No such session or agent (`not_found`, `unknown_agent`).",
+    "409": "The request contradicts the state (`conflict`, `conversation_closed`, ...).",
+    "413": "The body is larger than 1 MiB (`payload_too_large`).",
+    "415": "The body is not `application/json` in UTF-8 (`unsupported_media_type`).",
+    "500": "A server fault (`internal`); the details are in the server's log.",
+    "503": "The store is busy or unavailable, or a queue is full (`busy`, `unavailable`, "
+    "`queue_full`, `too_many_conversations`); retry after `Retry-After` seconds.",
+}
+
+# Status sets shared by the operations.
+_BODY_ERRORS: Final = ("400", "413", "415")
+_CHAT_AUTH: Final = ("401", "403")
+_ALWAYS: Final = ("500",)
+_STORE: Final = ("503",)
+
+_Security = list[dict[str, list[str]]]
+_VISITOR_OR_KEY: Final[_Security] = [{"visitorToken": []}, {"apiKey": []}]
+_ADMIN: Final[_Security] = [{"adminToken": []}]
+_PUBLIC: Final[_Security] = []
+
+
+def _schema(name: str) -> dict[str, Any]:
+    return {"$ref": _REF.format(name=name)}
+
+
+def _json_content(name: str) -> dict[str, Any]:
+    return {"application/json": {"schema": _schema(name)}}
+
+
+def _session_path() -> dict[str, Any]:
+    return {
+        "name": "session_id",
+        "in": "path",
+        "required": True,
+        "description": "The conversation: 16 lowercase hex digits.",
+        "schema": {"type": "string", "pattern": CONV_ID_PATTERN, "minLength": 16, "maxLength": 16},
+    }
+
+
+def _agent_path() -> dict[str, Any]:
+    return {
+        "name": "agent_id",
+        "in": "path",
+        "required": True,
+        "description": "The agent's id.",
+        "schema": {"type": "string", "pattern": AGENT_ID_PATTERN, "minLength": 1, "maxLength": 64},
+    }
+
+
+def _history_query() -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "after",
+            "in": "query",
+            "required": False,
+            "description": "Messages with a seq above this one.",
+            "schema": {"type": "integer", "minimum": 0, "maximum": MAX_SEQ, "default": 0},
+        },
+        {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "description": f"At most this many messages (1 to {MAX_SYNC_LIMIT}).",
+            "schema": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": MAX_SYNC_LIMIT,
+                "default": DEFAULT_SYNC_LIMIT,
+            },
+        },
+    ]
+
+
+class _Op(msgspec.Struct, frozen=True, kw_only=True):
+    """One operation: what the document says about ``method path``."""
+
+    method: str
+    path: str
+    operation_id: str
+    summary: str
+    tag: str
+    security: _Security
+    # status -> (description, {media type: schema}) for the success answers
+    ok: dict[str, tuple[str, dict[str, Any] | None]]
+    errors: tuple[str, ...] = ()
+    body: str | None = None
+    parameters: tuple[str, ...] = ()  # "session", "agent", "history"
+
+
+OPERATIONS: Final[tuple[_Op, ...]] = (
+    _Op(
+        method="post",
+        path="/v1/chat/create",
+        operation_id="createChat",
+        summary="Start a conversation, or get back the user's open one",
+        tag="chat",
+        security=_PUBLIC,
+        body="CreateChatRequest",
+        ok={
+            "201": ("A new conversation.", _json_content("CreateChatResponse")),
+            "200": ("The user's open conversation.", _json_content("CreateChatResponse")),
+        },
+        errors=(*_BODY_ERRORS, "401", *_ALWAYS, *_STORE),
+    ),
+    _Op(
+        method="post",
+        path="/v1/chat/send",
+        operation_id="sendMessage",
+        summary="Post a visitor message; answered once it is durable",
+        tag="chat",
+        security=_VISITOR_OR_KEY,
+        body="SendRequest",
+        ok={
+            "200": (
+                "Stored. With `stream: true` the answer is `text/event-stream`: one `msg` event "
+                "per reply, then a `done` event carrying the SendResponse JSON.",
+                {
+                    **_json_content("SendResponse"),
+                    "text/event-stream": {"schema": {"type": "string"}},
+                },
+            )
+        },
+        errors=(*_BODY_ERRORS, *_CHAT_AUTH, "404", "409", *_ALWAYS, *_STORE),
+    ),
+    _Op(
+        method="post",
+        path="/v1/chat/close",
+        operation_id="closeChat",
+        summary="Close a conversation (idempotent)",
+        tag="chat",
+        security=_VISITOR_OR_KEY,
+        body="CloseRequest",
+        ok={"200": ("Closed (or already closed).", _json_content("CloseResponse"))},
+        errors=(*_BODY_ERRORS, *_CHAT_AUTH, "404", *_ALWAYS, *_STORE),
+    ),
+    _Op(
+        method="get",
+        path="/v1/chat/{session_id}/messages",
+        operation_id="listMessages",
+        summary="A page of a conversation's messages, oldest first",
+        tag="chat",
+        security=_VISITOR_OR_KEY,
+        parameters=("session", "history"),
+        ok={
+            "200": ("The page; `more` when later messages exist.", _json_content("HistoryResponse"))
+        },
+        errors=("400", *_CHAT_AUTH, "404", *_ALWAYS, *_STORE),
+    ),
+    _Op(
+        method="get",
+        path="/v1/config",
+        operation_id="getConfig",
+        summary="Public settings for the widget",
+        tag="public",
+        security=_PUBLIC,
+        ok={"200": ("The settings.", _json_content("PublicConfig"))},
+        errors=_ALWAYS,
+    ),
+    _Op(
+        method="get",
+        path="/healthz",
+        operation_id="getHealth",
+        summary="Whether the node takes work",
+        tag="public",
+        security=_PUBLIC,
+        ok={
+            "200": ("Healthy.", _json_content("Health")),
+            "503": ("Unhealthy: `checks` names the part at fault.", _json_content("Health")),
+        },
+        errors=_ALWAYS,
+    ),
+    _Op(
+        method="get",
+        path="/metrics",
+        operation_id="getMetrics",
+        summary="Prometheus metrics (text exposition format 0.0.4)",
+        tag="public",
+        security=_PUBLIC,
+        ok={"200": ("The metrics.", {"text/plain": {"schema": {"type": "string"}}})},
+        errors=_ALWAYS,
+    ),
+    _Op(
+        method="get",
+        path="/openapi.json",
+        operation_id="getOpenApi",
+        summary="This document",
+        tag="public",
+        security=_PUBLIC,
+        ok={"200": ("The OpenAPI document.", {"application/json": {"schema": {"type": "object"}}})},
+        errors=_ALWAYS,
+    ),
+    _Op(
+        method="get",
+        path="/v1/admin/agents",
+        operation_id="listAgents",
+        summary="Every agent",
+        tag="admin",
+        security=_ADMIN,
+        ok={"200": ("The agents.", _json_content("AgentList"))},
+        errors=(*_CHAT_AUTH, *_ALWAYS),
+    ),
+    _Op(
+        method="post",
+        path="/v1/admin/agents",
+        operation_id="createAgent",
+        summary="Create an agent; its token is shown in this answer only",
+        tag="admin",
+        security=_ADMIN,
+        body="AgentCreate",
+        ok={"201": ("Created.", _json_content("AgentCreated"))},
+        errors=(*_BODY_ERRORS, *_CHAT_AUTH, "409", *_ALWAYS, *_STORE),
+    ),
+    _Op(
+        method="get",
+        path="/v1/admin/agents/{agent_id}",
+        operation_id="getAgent",
+        summary="One agent",
+        tag="admin",
+        security=_ADMIN,
+        parameters=("agent",),
+        ok={"200": ("The agent.", _json_content("AgentView"))},
+        errors=(*_CHAT_AUTH, "404", *_ALWAYS),
+    ),
+    _Op(
+        method="patch",
+        path="/v1/admin/agents/{agent_id}",
+        operation_id="updateAgent",
+        summary="Change an agent (name, weight, max_chats, groups, disabled)",
+        tag="admin",
+        security=_ADMIN,
+        body="AgentUpdate",
+        parameters=("agent",),
+        ok={"200": ("The agent as changed.", _json_content("AgentView"))},
+        errors=(*_BODY_ERRORS, *_CHAT_AUTH, "404", "409", *_ALWAYS, *_STORE),
+    ),
+    _Op(
+        method="delete",
+        path="/v1/admin/agents/{agent_id}",
+        operation_id="deleteAgent",
+        summary="Delete an agent; its conversations go back to the queue",
+        tag="admin",
+        security=_ADMIN,
+        parameters=("agent",),
+        ok={"204": ("Deleted.", None)},
+        errors=(*_CHAT_AUTH, "404", "409", *_ALWAYS, *_STORE),
+    ),
+    _Op(
+        method="post",
+        path="/v1/admin/sessions/{session_id}/close",
+        operation_id="adminCloseSession",
+        summary="Close a conversation as the administrator (idempotent)",
+        tag="admin",
+        security=_ADMIN,
+        parameters=("session",),
+        ok={"200": ("Closed (or already closed).", _json_content("CloseResponse"))},
+        errors=(*_CHAT_AUTH, "404", *_ALWAYS, *_STORE),
+    ),
+)
+
+
+def _operation(op: _Op) -> dict[str, Any]:
+    responses: dict[str, Any] = {}
+    for status, (description, content) in op.ok.items():
+        entry: dict[str, Any] = {"description": description}
+        if content is not None:
+            entry["content"] = content
+        responses[status] = entry
+    for status in op.errors:
+        if status in responses:
+            continue
+        entry = {"description": _ERROR_WORDS[status], "content": _json_content("ErrorBody")}
+        if status == "401":
+            entry["headers"] = {
+                "WWW-Authenticate": {
+                    "description": "`Bearer`",
+                    "schema": {"type": "string"},
+                }
+            }
+        responses[status] = entry
+    out: dict[str, Any] = {
+        "operationId": op.operation_id,
+        "summary": op.summary,
+        "tags": [op.tag],
+        "security": [dict(s) for s in op.security],
+        "responses": dict(sorted(responses.items())),
+    }
+    parameters: list[dict[str, Any]] = []
+    for kind in op.parameters:
+        if kind == "session":
+            parameters.append(_session_path())
+        elif kind == "agent":
+            parameters.append(_agent_path())
+        else:
+            parameters += _history_query()
+    if parameters:
+        out["parameters"] = parameters
+    if op.body is not None:
+        out["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": _schema(op.body)}},
+        }
+    return out
+
+
+def openapi_document() -> dict[str, Any]:
+    """The whole document as plain data (a new dict each call; :func:`openapi_json` caches)."""
+    _, schemas = msgspec.json.schema_components(REST_BODIES, ref_template=_REF)
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        paths.setdefault(op.path, {})[op.method] = _operation(op)
+    bearer = {"type": "http", "scheme": "bearer"}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "kefu REST API",
+            "version": __version__,
+            "description": f"Wire protocol v{PROTOCOL_VERSION}. Errors are always "
+            '`{"error": {"code", "message"}}` (ErrorBody) with a 4xx or 5xx status.',
+        },
+        "tags": [
+            {"name": "chat", "description": "Conversations, as a visitor or with the API key."},
+            {"name": "public", "description": "Open to anyone."},
+            {"name": "admin", "description": "Needs the admin token."},
+        ],
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "visitorToken": {
+                    **bearer,
+                    "description": "The visitor token from `POST /v1/chat/create`; it acts "
+                    "on its own conversation only.",
+                },
+                "apiKey": {
+                    **bearer,
+                    "description": "The server-to-server API key (`api_key`), acting as the "
+                    "visitor of any conversation.",
+                },
+                "adminToken": {**bearer, "description": "The admin token (`admin_token`)."},
+            },
+        },
+    }
+
+
+@functools.cache
+def openapi_json() -> bytes:
+    """The document encoded once (it depends only on the code)."""
+    return encode_json(openapi_document())
