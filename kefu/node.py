@@ -57,7 +57,9 @@ replayed seqs: ``from_seq`` is always ``last_seq + 1`` and ``to_seq`` the last s
 ``to_seq`` is always the client's new position. With nothing missed the range is empty:
 ``from_seq = last_seq + 1``, ``to_seq = last_seq``. The replay and the registration of the
 connection happen in one step without an await, so a message acked meanwhile is pushed live
-after the ``resumed`` and none is lost or sent twice.
+after the ``resumed`` and none is lost or sent twice. A visitor's connection is then told where
+its conversation stands, ``queued {position}`` or ``assigned {agent}``: the frame sent when that
+happened may have reached no connection (the page opened after the create call, a reload).
 
 Agents at work
 --------------
@@ -882,6 +884,26 @@ class Node:
                 continue
             self._resume(conn, state, point.epoch, point.last_seq)
         first = self.hub.register(conn, (role, principal))
+        if role == "visitor":
+            # Where the visitor stands: a `queued` or `assigned` sent before this connection
+            # existed (a page opened after the create call, a reload) would otherwise be lost.
+            found = self.visitor_of_token(hello.token)
+            for cs in [] if found is None else [parse_conv_id(found[1])]:
+                current = self.conversations.get(cs)
+                if current is None:
+                    continue
+                conv_hex = format_conv_id(cs)
+                if current.status == "queued":
+                    position = self.routing.queue.position(cs)
+                    if position is not None:
+                        conn.send(Queued(conv=conv_hex, position=position))
+                elif (
+                    current.status == "assigned"
+                    and current.agent_id is not None
+                    and current.agent_id in self.pool
+                ):
+                    agent = self.pool.get(current.agent_id)
+                    conn.send(Assigned(conv=conv_hex, agent=AgentRef(id=agent.id, name=agent.name)))
         if role == "agent":
             for a in self.pool:
                 conn.send(Presence(agent=self._presence_of(a.id)))

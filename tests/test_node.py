@@ -257,6 +257,7 @@ def test_forbidden_conversation(tmp_path: Path) -> None:
             intruder, welcome = await hello(node, other_token)
             assert [c["conv"] for c in welcome["convs"]] == [other]
             await send(intruder, type="send", conv=conv, client_msg_id="x1", text="boo")
+            assert (await recv(intruder))["type"] == "assigned"  # where it stands, after welcome
             err = await recv(intruder)
             assert err["type"] == "error" and err["code"] == "forbidden" and err["ref"] == "x1"
             await send(intruder, type="sync", conv=conv, after=0, limit=10)
