@@ -64,12 +64,14 @@ __all__ = [
     "ENV_OVERRIDES",
     "AgentConfig",
     "BotConfig",
+    "CacheConfig",
     "ClusterConfig",
     "Config",
     "ConfigError",
     "HttpConfig",
     "IdentityConfig",
     "LlmConfig",
+    "LlmEndpointConfig",
     "RateConfig",
     "RoutingConfig",
     "SessionConfig",
@@ -167,25 +169,77 @@ class AgentConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True)
     groups: Groups = field(default_factory=list)
 
 
+class LlmEndpointConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """A fallback endpoint, tried in order when the primary fails or its breaker is open."""
+
+    base_url: HttpUrl
+    model: Annotated[str, Meta(min_length=1, max_length=256)]
+    api_key: Secret | None = None
+
+
+_Timeout: TypeAlias = Annotated[float, Meta(gt=0, le=600)]
+
+
 class LlmConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     base_url: HttpUrl | None = None
     api_key: Secret | None = None
     model: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
     system_prompt: Annotated[str, Meta(min_length=1, max_length=16_000)] | None = None
-    timeout_s: Annotated[float, Meta(gt=0, le=600)] = 30.0
+    timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 30.0
+    connect_timeout_s: _Timeout = 3.0
+    first_token_timeout_s: _Timeout = 8.0
+    chunk_timeout_s: _Timeout = 5.0
+    max_retries: Annotated[int, Meta(ge=0, le=10)] = 2
+    backoff_base_s: Annotated[float, Meta(ge=0, le=60)] = 0.25
+    backoff_max_s: Annotated[float, Meta(ge=0, le=600)] = 4.0
+    retry_after_max_s: Annotated[float, Meta(ge=0, le=600)] = 8.0
+    breaker_failures: Annotated[int, Meta(ge=1, le=1_000)] = 5
+    breaker_cooldown_s: Annotated[float, Meta(ge=0, le=3600)] = 30.0
     max_tokens: Annotated[int, Meta(ge=1, le=32_768)] = 512
     temperature: Annotated[float, Meta(ge=0, le=2)] = 0.3
     context_messages: Annotated[int, Meta(ge=0, le=100)] = 10
+    context_token_budget: Annotated[int, Meta(ge=64, le=1_000_000)] = 3_000
     max_concurrency: Annotated[int, Meta(ge=1, le=1_024)] = 16
+    max_waiting: Annotated[int, Meta(ge=0, le=1_000_000)] = 256
+    queue_timeout_s: Annotated[float, Meta(ge=0, le=600)] = 2.0
+    fallbacks: Annotated[list[LlmEndpointConfig], Meta(max_length=8)] = field(default_factory=list)
+
+
+class CacheConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """The bot's response cache: LRU bounded in entries and bytes, entries live ``ttl_s``."""
+
+    max_entries: Annotated[int, Meta(ge=0, le=10_000_000)] = 1_024
+    max_bytes: Annotated[int, Meta(ge=4 * KiB, le=64 * GiB)] = 4 * MiB
+    ttl_s: Annotated[float, Meta(gt=0, le=30 * 86_400)] = 3_600.0
+
+
+_DEFAULT_HANDOFF_WORDS: Final = (
+    "转人工",
+    "人工",
+    "客服",
+    "真人",
+    "human",
+    "agent",
+    "real person",
+    "representative",
+    "operator",
+)
 
 
 class BotConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     enabled: bool = True
     name: Name = "Assistant"
-    kb: Annotated[list[FilePath], Meta(max_length=1_000)] = field(default_factory=list)
+    kb: Annotated[list[FilePath], Meta(max_length=1_000)] | None = None
     answer_threshold: Threshold = 0.6
     handoff_threshold: Threshold = 0.3
+    handoff_keywords: Annotated[
+        list[Annotated[str, Meta(min_length=1, max_length=64)]], Meta(max_length=1_000)
+    ] = field(default_factory=lambda: list(_DEFAULT_HANDOFF_WORDS))
+    top_k: Annotated[int, Meta(ge=1, le=20)] = 3
+    kb_reload_interval_s: Annotated[float, Meta(ge=0.1, le=60)] = 0.5
+    max_concurrency: Annotated[int, Meta(ge=1, le=100_000)] = 256
     llm: LlmConfig = field(default_factory=LlmConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 class SessionConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

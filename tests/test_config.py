@@ -97,7 +97,7 @@ def test_defaults_run_with_no_file() -> None:
         None,
     )
     assert cfg.admin_token is None and cfg.api_key is None and cfg.agents == []
-    assert cfg.bot.enabled and cfg.bot.kb == []
+    assert cfg.bot.enabled and cfg.bot.kb is None  # the shipped sample knowledge base
     assert (cfg.bot.answer_threshold, cfg.bot.handoff_threshold) == (0.6, 0.3)
     assert cfg.bot.llm.base_url is None
     assert cfg.session.idle_ttl_minutes == 60
