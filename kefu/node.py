@@ -104,6 +104,9 @@ from typing import Final, Literal, cast
 import msgspec
 
 from kefu._version import __version__
+from kefu.bot.llm import Endpoint, LlmClient, LlmOptions
+from kefu.bot.policy import BotPolicy, BotTurn, KnowledgeSource
+from kefu.bot.policy import Handoff as BotHandoff
 from kefu.config import Config
 from kefu.conversations import Conversations, ConversationState, may_see, may_write
 from kefu.errors import KefuError
@@ -128,7 +131,9 @@ from kefu.protocol import (
     ClosedBy,
     ConversationStatus,
     ConvState,
+    Delta,
     Error,
+    Handoff,
     Health,
     Hello,
     History,
@@ -199,6 +204,7 @@ log = logging.getLogger("kefu.node")
 RESUME_MAX: Final = 300  # PROTOCOL.md: more missed than this -> recovered: false
 ASSIGNED_RECENT: Final = 20  # last messages an agent gets with `assigned`
 EXPIRE_BATCH: Final = 1_000  # idle conversations closed per housekeeping tick at most
+BOT_PENDING_MAX: Final = 4  # visitor messages waiting for the bot per conversation
 SECRET_META: Final = "token_secret"
 ADMIN_HASH_META: Final = "admin_token_hash"
 BOOTSTRAPPED_META: Final = "bootstrapped"
@@ -292,7 +298,7 @@ class Node:
         self._signer: TokenSigner | None = None
         self.ws: WsServer | None = None
         ttl_ms = config.session.idle_ttl_minutes * 60_000 if idle_ttl_ms is None else idle_ttl_ms
-        self.conversations = Conversations(idle_ttl_ms=ttl_ms, bot_enabled=False)
+        self.conversations = Conversations(idle_ttl_ms=ttl_ms, bot_enabled=config.bot.enabled)
         grace_ms = int(config.routing.agent_grace_s * 1000)
         self.pool = AgentPool(grace_ms=grace_ms)
         self.routing = Routing(self.pool, WaitingQueue(config.routing.max_queue))
@@ -315,6 +321,14 @@ class Node:
         self.expired_total = 0
         self.messages_total = 0
         self.duplicates_total = 0
+        self.bot: BotPolicy | None = None
+        self.llm: LlmClient | None = None
+        self._kb: KnowledgeSource | None = None
+        self._bot_locks: dict[int, asyncio.Lock] = {}
+        self._bot_pending: dict[int, int] = {}
+        self._bot_active = 0
+        self._bot_tasks: set[asyncio.Task[list[Msg]]] = set()
+        self.bot_skipped = 0
         self.metrics = Registry()
         self._register_metrics()
 
@@ -375,9 +389,11 @@ class Node:
                 secret = new_secret().encode()
                 await store.put_meta(SECRET_META, secret)
             self._signer = TokenSigner(secret)
+            self._start_bot()
             self.ws = WsServer(cfg.ws, self, ssl=self._ssl, allowed_origins=cfg.allowed_origins)
             await self.ws.start()
         except BaseException:
+            await self._stop_bot()
             store.close()
             self._store = None
             raise
@@ -450,9 +466,151 @@ class Node:
         if self.ws is not None:
             await self.ws.stop()
             self.ws = None
+        await self._stop_bot()
         if self._store is not None:
             self._store.close()
             self._store = None
+
+    # -- bot --------------------------------------------------------------------------------
+
+    def _start_bot(self) -> None:
+        bot = self.config.bot
+        if not bot.enabled:
+            return
+        llm = bot.llm
+        if llm.base_url is not None and llm.model is not None:
+            self.llm = LlmClient(
+                LlmOptions(
+                    endpoint=Endpoint(base_url=llm.base_url, model=llm.model, api_key=llm.api_key),
+                    fallbacks=tuple(
+                        Endpoint(base_url=f.base_url, model=f.model, api_key=f.api_key)
+                        for f in llm.fallbacks
+                    ),
+                    max_tokens=llm.max_tokens,
+                    temperature=llm.temperature,
+                    connect_timeout_s=llm.connect_timeout_s,
+                    first_token_timeout_s=llm.first_token_timeout_s,
+                    chunk_timeout_s=llm.chunk_timeout_s,
+                    total_timeout_s=llm.timeout_s,
+                    max_retries=llm.max_retries,
+                    backoff_base_s=llm.backoff_base_s,
+                    backoff_max_s=llm.backoff_max_s,
+                    retry_after_max_s=llm.retry_after_max_s,
+                    breaker_failures=llm.breaker_failures,
+                    breaker_cooldown_s=llm.breaker_cooldown_s,
+                    max_concurrency=llm.max_concurrency,
+                    max_waiting=llm.max_waiting,
+                    queue_timeout_s=llm.queue_timeout_s,
+                )
+            )
+        self.bot = BotPolicy(bot, lambda: self._kb, self.llm, model=llm.model or "")
+
+    async def _stop_bot(self) -> None:
+        tasks = list(self._bot_tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self.llm is not None:
+            await self.llm.close()
+            self.llm = None
+
+    def _spawn_bot_turn(self, state: ConversationState, text: str) -> None:
+        task = asyncio.ensure_future(self._bot_turn(state, text))
+        self._bot_tasks.add(task)
+        task.add_done_callback(self._bot_task_done)
+
+    def _bot_task_done(self, task: asyncio.Task[list[Msg]]) -> None:
+        self._bot_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("bot turn failed", exc_info=task.exception())
+
+    async def _bot_turn(
+        self,
+        state: ConversationState,
+        text: str,
+        on_delta: Callable[[str], None] | None = None,
+    ) -> list[Msg]:
+        """The bot's answer to one visitor message (:mod:`kefu.bot.policy`), stored and sent;
+        turns of one conversation run one at a time, in the order of the messages."""
+        bot = self.bot
+        conv = state.id
+        if bot is None:
+            return []
+        pending = self._bot_pending.get(conv, 0)
+        if pending >= BOT_PENDING_MAX:
+            self.bot_skipped += 1  # a visitor flooding the bot: the turns queued answer
+            return []
+        self._bot_pending[conv] = pending + 1
+        lock = self._bot_locks.setdefault(conv, asyncio.Lock())
+        try:
+            async with lock:
+                return await self._bot_answer(bot, state, text, on_delta)
+        finally:
+            left = self._bot_pending[conv] - 1
+            if left:
+                self._bot_pending[conv] = left
+            else:
+                del self._bot_pending[conv]
+                self._bot_locks.pop(conv, None)
+
+    async def _bot_answer(
+        self,
+        bot: BotPolicy,
+        state: ConversationState,
+        text: str,
+        on_delta: Callable[[str], None] | None,
+    ) -> list[Msg]:
+        if state.status != "bot":
+            return []  # handed off or closed while this turn waited
+        conv_hex = format_conv_id(state.id)
+        stream_id = uuid.uuid4().hex
+        participants = self._participants(state)
+
+        def delta(piece: str) -> None:
+            self.hub.send(participants, Delta(conv=conv_hex, stream_id=stream_id, text=piece))
+            if on_delta is not None:
+                on_delta(piece)
+
+        if self._bot_active >= self.config.bot.max_concurrency:
+            turn = BotTurn(handoff=BotHandoff("busy"))
+        else:
+            self._bot_active += 1
+            try:
+                turn = await bot.decide(state.id, text, delta)
+            finally:
+                self._bot_active -= 1
+        if state.status != "bot":
+            return []
+        replies: list[Msg] = []
+        answer = turn.answer
+        if answer is not None:
+            meta: dict[str, object] = {"source": answer.source, "stream_id": stream_id}
+            if answer.entry_id is not None:
+                meta["kb_entry"] = answer.entry_id
+                meta["score"] = round(answer.score, 4)
+            if answer.truncated:
+                meta["truncated"] = True
+            sender = Sender(role="bot", id="bot", name=self.config.bot.name)
+            replies.append(await self._append(state, sender, answer.text, None, meta))
+        if turn.handoff is not None:
+            await self._handoff(state, turn.handoff.reason, turn.handoff.group)
+        elif turn.close:
+            await asyncio.gather(*self._end(state, "admin", "bot", _now_ms()))
+        return replies
+
+    async def _handoff(self, state: ConversationState, reason: str, group: str | None) -> None:
+        """The bot passes the conversation to humans: routed (or queued) at once."""
+        conv = state.id
+        self.conversations.check(conv, "handoff")
+        now = _now_ms()
+        if group is not None and not self.pool.has_group(group):
+            group = None  # a rule naming a group nobody is in: anyone rather than nobody
+        effects = self.routing.route(conv, now, group)  # QueueFull: the bot keeps it
+        if self.bot is not None:
+            self.bot.forget(conv)
+        self._fan_out(state, Handoff(conv=format_conv_id(conv), reason=reason))
+        await asyncio.gather(*self._run_effects(effects))
 
     # -- housekeeping -----------------------------------------------------------------------
 
@@ -500,6 +658,8 @@ class Node:
             if state.id in self.routing:
                 futures += self._run_effects(self.routing.release(e.conv))
         self.hub.forget(state.id)
+        if self.bot is not None:
+            self.bot.forget(state.id)
         return futures
 
     # -- credentials ------------------------------------------------------------------------
@@ -609,6 +769,7 @@ class Node:
         *,
         role: str = "visitor",
         principal: str | None = None,
+        on_delta: Callable[[str], None] | None = None,
     ) -> SendResult:
         """Post ``text`` into ``session_id`` as ``role``; returns once it is durable.
 
@@ -623,8 +784,12 @@ class Node:
         key = (role, principal)
         if not may_see(state, role, principal):
             raise Forbidden("you may not see this conversation")
+        to_bot = role == "visitor" and state.status == "bot" and self.bot is not None
         seq, ts, dup = await self._post(state, key, text, client_msg_id)
-        return SendResult(seq=seq, ts=ts, dup=dup, status=state.status, replies=[])
+        replies: list[Msg] = []
+        if to_bot and not dup:
+            replies = await self._bot_turn(state, text, on_delta)
+        return SendResult(seq=seq, ts=ts, dup=dup, status=state.status, replies=replies)
 
     async def close_chat(
         self, session_id: str, *, by: str = "visitor", principal: str | None = None
@@ -677,7 +842,7 @@ class Node:
             max_msg_bytes=ws.max_msg_bytes,
             max_text_chars=MAX_TEXT_CHARS,
             ping_interval_ms=int(ws.ping_interval_s * 1000),
-            bot_enabled=False,
+            bot_enabled=self.bot is not None,
             bot_name=cfg.bot.name,
         )
 
@@ -939,7 +1104,10 @@ class Node:
         role, principal = key
         if isinstance(frame, Send):
             state = self._visible(frame.conv, role, principal)
-            await self._post(state, key, frame.text, frame.client_msg_id, conn)
+            to_bot = role == "visitor" and state.status == "bot" and self.bot is not None
+            _seq, _ts, dup = await self._post(state, key, frame.text, frame.client_msg_id, conn)
+            if to_bot and not dup:
+                self._spawn_bot_turn(state, frame.text)
         elif isinstance(frame, Sync):
             state = self._visible(frame.conv, role, principal)
             messages, more = self.store.history(state.id, frame.after, frame.limit)
@@ -1033,11 +1201,27 @@ class Node:
                 if conn is not None:
                     conn.send(_ack(state, client_msg_id, dup, ts, True))
                 return dup, ts, True
+        msg = await self._append(state, self._sender(key), text, client_msg_id, conn=conn)
+        return msg.seq, msg.ts, False
+
+    async def _append(
+        self,
+        state: ConversationState,
+        sender: Sender,
+        text: str,
+        client_msg_id: str | None = None,
+        meta: dict[str, object] | None = None,
+        *,
+        conn: Connection | None = None,
+    ) -> Msg:
+        """Take the next seq, store the message, then ack ``conn`` and deliver it."""
+        store = self.store
+        conv = state.id
         self.conversations.check(conv, "send")
         now = _now_ms()
         self.conversations.touch(conv, now)
         seq = self.conversations.next_seq(conv)
-        sender = self._sender(key)
+        role = sender.role
         msg = StoredMessage(
             conv=conv,
             seq=seq,
@@ -1045,10 +1229,11 @@ class Node:
             id=uuid.uuid4().hex,
             client_msg_id=client_msg_id,
             from_role=role,
-            from_id=principal,
+            from_id=sender.id,
             from_name=sender.name,
             text=text,
             ts=now,
+            meta=meta,
         )
         try:
             fut = store.append_message(msg, state.to_stored())
@@ -1065,7 +1250,7 @@ class Node:
         out = _msg_frame(msg)
         self.hub.remember(conv, out)
         self._fan_out(state, out)
-        return seq, now, False
+        return out
 
     # -- helpers ----------------------------------------------------------------------------
 

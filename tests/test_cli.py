@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +51,22 @@ def test_no_extensions_switch_selects_the_twins() -> None:
         env={**os.environ, "KEFU_NO_EXTENSIONS": "1"},
     )
     assert out.stdout.split() == ["False", "kefu._core._ringbuf_py", "numpy"]
+
+
+def test_serve_refuses_a_bad_config_with_exit_code_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "kefu.yaml"
+    path.write_text("ws:\n  hots: 127.0.0.1\n")
+    assert main(["serve", "--config", str(path), "--data-dir", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kefu: configuration error: {path}: unknown key `ws.hots`")
+    assert not (tmp_path / "data").exists()
+
+
+def test_serve_names_a_missing_config_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nowhere.yaml"
+    assert main(["serve", "--config", str(missing)]) == 2
+    assert f"{missing}: cannot read the file" in capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""The bot: knowledge base, LLM client, context, cache, policy."""

@@ -1,0 +1,1 @@
+"""End-to-end load generators for kefu (``python -m loadtest.chat_throughput``)."""
