@@ -43,6 +43,12 @@ __all__ = ["MAX_RINGS", "RING_CAPACITY", "Encoded", "Hub", "Principal", "frame_t
 RING_CAPACITY: Final = 320  # recent messages kept per conversation (>= the resume limit, 300)
 MAX_RINGS: Final = 10_000  # conversations with a ring; least recently used dropped first
 
+#: A ``Msg`` in a ring besides its text (the struct, its ids, its sender), and a ring itself
+#: with its map entry: tracemalloc over 10,000 rings and 320 messages, CPython 3.11 (518 bytes
+#: a message, 1,102 a ring holding one).
+MSG_OVERHEAD_BYTES: Final = 520
+RING_OVERHEAD_BYTES: Final = 600
+
 Principal = tuple[str, str]  # (role, id)
 
 
@@ -191,6 +197,16 @@ class Hub:
             return cast("list[Msg]", ring.since(last_seq))
         self.replayed_from_store += 1
         return read_store(last_seq, count)
+
+    def ring_bytes(self, conv: int) -> int:
+        """An estimate of the memory ``conv``'s ring holds: the ring, and per message its text
+        (UTF-8) and :data:`MSG_OVERHEAD_BYTES` for the frame's other fields."""
+        ring = self._rings.get(conv)
+        if ring is None:
+            return 0
+        msgs = cast("list[Msg]", ring.to_list())
+        texts = sum(len(m.text.encode("utf-8", "surrogatepass")) for m in msgs)
+        return RING_OVERHEAD_BYTES + texts + len(msgs) * MSG_OVERHEAD_BYTES
 
     def stats(self) -> dict[str, int]:
         by_role: dict[str, int] = {}

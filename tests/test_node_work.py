@@ -383,3 +383,30 @@ def test_metrics_follow_the_traffic(tmp_path: Path) -> None:
             await node.stop()
 
     run(body)
+
+
+def test_session_accounting(tmp_path: Path) -> None:
+    async def body() -> None:
+        node = Node(config(tmp_path))
+        await node.start()
+        try:
+            conv, *_ = await node.create_chat()  # queued: nobody is online
+            other, *_ = await node.create_chat()
+            before = node.session_stats(conv)
+            for i in range(50):
+                await node.send_message(conv, "字" * 1000, f"c{i}")
+            after = node.session_stats(conv)
+            assert after.cpu_seconds > before.cpu_seconds
+            # 50 messages of 3,000 UTF-8 bytes each are held in the ring of recent messages.
+            assert after.memory_bytes - before.memory_bytes >= 50 * 3000
+            assert node.session_stats(other).memory_bytes < 2_000
+            with pytest.raises(KefuError) as info:
+                node.session_stats("00000000000000ff")
+            assert info.value.code == "not_found"
+            await node.close_chat(conv, by="admin")
+            closed = node.session_stats(conv)
+            assert closed.cpu_seconds >= after.cpu_seconds and closed.memory_bytes == 0
+        finally:
+            await node.stop()
+
+    run(body)

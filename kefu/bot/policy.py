@@ -30,6 +30,7 @@ The policy is I/O-free apart from the model call; the node stores and sends what
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final, Literal, Protocol
 
@@ -112,6 +113,28 @@ class BotTurn(msgspec.Struct, frozen=True):
     answer: Answer | None = None
     handoff: Handoff | None = None
     close: bool = False
+    cpu_ns: int = 0  # CPU time of this decision on the loop's thread (see BotPolicy.decide)
+
+
+class _CpuClock:
+    """CPU time of one decision on the loop's thread: ``lap()`` before each await adds the time
+    since the last mark, ``resume()`` after it sets a new mark, so what other tasks do while
+    this one waits is not counted. The model client's own parsing inside ``__anext__`` is not
+    counted either."""
+
+    __slots__ = ("mark", "total_ns")
+
+    def __init__(self) -> None:
+        self.total_ns = 0
+        self.mark = time.thread_time_ns()
+
+    def lap(self) -> None:
+        now = time.thread_time_ns()
+        self.total_ns += now - self.mark
+        self.mark = now
+
+    def resume(self) -> None:
+        self.mark = time.thread_time_ns()
 
 
 class _Passage(msgspec.Struct, frozen=True):
@@ -196,7 +219,10 @@ class BotPolicy:
     ) -> BotTurn:
         """What to do with the visitor's ``text`` (module doc). Never raises for a model
         failure; ``on_delta`` gets each piece of a streamed answer as it arrives."""
-        turn = await self._decide(conv, text, on_delta)
+        clock = _CpuClock()
+        turn = await self._decide(conv, text, on_delta, clock)
+        clock.lap()
+        turn = msgspec.structs.replace(turn, cpu_ns=clock.total_ns)
         if turn.answer is not None and turn.handoff is None:
             # Every answer is a turn of the context, so a follow-up that reaches the model
             # carries the earlier question even when the KB answered it.
@@ -210,7 +236,11 @@ class BotPolicy:
         return turn
 
     async def _decide(
-        self, conv: int, text: str, on_delta: Callable[[str], None] | None
+        self,
+        conv: int,
+        text: str,
+        on_delta: Callable[[str], None] | None,
+        clock: _CpuClock,
     ) -> BotTurn:
         lowered = text.lower()
         if any(w in lowered for w in self._keywords):
@@ -235,7 +265,7 @@ class BotPolicy:
             return BotTurn(answer=Answer(best.answer, "kb", best.id, top))
         if best is None or top < cfg.handoff_threshold or self.llm is None:
             return BotTurn(handoff=Handoff("no_answer"))
-        return await self._ask_model(conv, text, kb, hits, on_delta)
+        return await self._ask_model(conv, text, kb, hits, on_delta, clock)
 
     async def _ask_model(
         self,
@@ -244,6 +274,7 @@ class BotPolicy:
         kb: KnowledgeSource,
         hits: list[_Hit],
         on_delta: Callable[[str], None] | None,
+        clock: _CpuClock,
     ) -> BotTurn:
         assert self.llm is not None
         ctx = self.context(conv)
@@ -269,20 +300,26 @@ class BotPolicy:
         llm = self.config.llm
         try:
             done: Done | None = None
+            clock.lap()
             async for event in self.llm.stream(
                 messages, max_tokens=llm.max_tokens, temperature=llm.temperature
             ):
+                clock.resume()
                 if isinstance(event, Delta):
                     if on_delta is not None:
                         on_delta(event.text)
                 else:
                     done = event
+                clock.lap()
+            clock.resume()
         except LlmInterrupted as exc:
+            clock.resume()
             return BotTurn(
                 answer=Answer(exc.partial_text, "llm", hits[0].id, hits[0].score, truncated=True),
                 handoff=Handoff("llm_unavailable"),
             )
         except LlmUnavailable:
+            clock.resume()
             return self._fallback(hits)
         if done is None or not done.text.strip():
             return self._fallback(hits)

@@ -372,6 +372,7 @@ class HttpServer:
             ("PATCH", "/v1/admin/agents/{agent_id}", self.update_agent),
             ("DELETE", "/v1/admin/agents/{agent_id}", self.delete_agent),
             ("POST", "/v1/admin/sessions/{session_id}/close", self.admin_close),
+            ("GET", "/v1/admin/sessions/{session_id}/stats", self.session_stats),
         ]
         for method, path, handler in routes:
             # No implicit HEAD routes: the router holds exactly the documented operations.
@@ -538,6 +539,13 @@ class HttpServer:
         self._admin(request)
         await self.node.delete_agent(request.match_info["agent_id"])
         return web.Response(status=204)
+
+    async def session_stats(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        session_id = request.match_info["session_id"]
+        if not is_conv_id(session_id):
+            raise _Refusal("not_found", "no such session")
+        return _json(self.node.session_stats(session_id))
 
     async def admin_close(self, request: web.Request) -> web.Response:
         self._admin(request)

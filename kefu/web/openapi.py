@@ -302,6 +302,17 @@ OPERATIONS: Final[tuple[_Op, ...]] = (
         ok={"200": ("Closed (or already closed).", _json_content("CloseResponse"))},
         errors=(*_CHAT_AUTH, "404", *_ALWAYS, *_STORE),
     ),
+    _Op(
+        method="get",
+        path="/v1/admin/sessions/{session_id}/stats",
+        operation_id="sessionStats",
+        summary="CPU time spent on a conversation and the memory it holds",
+        tag="admin",
+        security=_ADMIN,
+        parameters=("session",),
+        ok={"200": ("The conversation's resources.", _json_content("SessionStats"))},
+        errors=(*_CHAT_AUTH, "404", *_ALWAYS),
+    ),
 )
 
 
