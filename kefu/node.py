@@ -39,12 +39,13 @@ Messages
 --------
 ``send`` (WS) and :meth:`Node.send_message` (REST): ``may_write`` (else ``forbidden``), dedup
 (``Store.get_dedup``; a duplicate is answered with its original seq after ``Store.barrier()``),
-then ``next_seq`` and ``append_message`` with the conversation record in the same step, so a
-taken seq is always written. Should the store refuse the write at the call (``StoreBusy``), the
-seq is given back before anything is awaited. After the write is durable: ``ack`` to the
-sender, ``msg`` to every participant connection (encoded once per encoding, not once per
-connection), and the message joins the conversation's ring of recent messages (kept by the
-:class:`~kefu.hub.Hub`, which also holds the live connections).
+then ``next_seq`` and ``append_message`` in the same step, so a taken seq is always written
+(the conversation's record is not rewritten per message: recovery takes ``top_seq`` and the
+last activity from the last stored message). Should the store refuse the write at the call
+(``StoreBusy``), the seq is given back before anything is awaited. After the write is durable:
+``ack`` to the sender, ``msg`` to every participant connection (encoded once per encoding,
+not once per connection), and the message joins the conversation's ring of recent messages
+(kept by the :class:`~kefu.hub.Hub`, which also holds the live connections).
 
 Resume
 ------
@@ -1305,7 +1306,9 @@ class Node:
             meta=meta,
         )
         try:
-            fut = store.append_message(msg, state.to_stored())
+            # The record is not rewritten: recovery reads top_seq and the last activity from
+            # the last message (Store.recover), which halves the keys written per message.
+            fut = store.append_message(msg)
         except BaseException:
             state.top_seq -= 1  # nothing was enqueued: give the seq back (no await since)
             raise

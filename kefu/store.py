@@ -914,11 +914,24 @@ class Store:
                 return int(_U64.unpack_from(key, 9)[0])
         return 0
 
+    def last_message(self, conv: int) -> StoredMessage | None:
+        """The last message of ``conv`` in RocksDB."""
+        self._check_open()
+        it = self._db.iter()
+        it.seek_for_prev(message_key(conv, U64_MAX))
+        if it.valid():
+            key: bytes = it.key()
+            if key.startswith(_P_MESSAGE + _U64.pack(conv)):
+                return _DECODE_MESSAGE(it.value())
+        return None
+
     def recover(self) -> Iterator[StoredConversation]:
-        """Every conversation that is not closed, with its true ``top_seq``.
+        """Every conversation that is not closed, with its true ``top_seq`` and last activity.
 
         Walks the ``o`` index (open conversations only, not every conversation ever held);
-        ``top_seq`` is the larger of the record's and the last message key's (module doc).
+        ``top_seq`` is the larger of the record's and the last message key's, ``updated_ts``
+        the later of the record's and the last message's (module doc): a message does not
+        need to rewrite its conversation's record.
         """
         self._check_open()
         opts = ReadOptions()
@@ -932,7 +945,10 @@ class Store:
             conv = _DECODE_CONVERSATION(raw)
             if conv.status == "closed":
                 continue
-            conv.top_seq = max(conv.top_seq, self.top_seq(conv_id))
+            last = self.last_message(conv_id)
+            if last is not None:
+                conv.top_seq = max(conv.top_seq, last.seq)
+                conv.updated_ts = max(conv.updated_ts, last.ts)
             yield conv
 
     def new_conversation_id(self) -> int:

@@ -750,6 +750,10 @@ def test_recover_open_conversations_and_true_top_seq(db_path: str) -> None:
         recovered = {c.id: c for c in s.recover()}
         assert set(recovered) == {100, 102, 103}
         assert recovered[100].top_seq == 3
+        # The last activity is the last message's, though the record was written before it.
+        assert recovered[100].updated_ts == message(100, 3).ts
+        assert recovered[102].updated_ts == 0  # no message: the record's
+        assert s.last_message(100) == message(100, 3) and s.last_message(102) is None
         assert recovered[102].top_seq == 0 and recovered[102].status == "queued"
         assert recovered[103].top_seq == 40 and recovered[103].agent_id == "alice"
         assert s.open_conversation_of_user("u-a") == 100
