@@ -60,6 +60,14 @@ def _build_parser() -> argparse.ArgumentParser:
         choices=("debug", "info", "warning", "error"),
         help="log level on stderr (default: info)",
     )
+    serve.add_argument(
+        "--log-format", choices=("text", "json"), help="log lines as text or JSON (default: text)"
+    )
+    serve.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="write a cProfile of the whole run to FILE when it stops (python -m pstats FILE)",
+    )
     return parser
 
 
@@ -83,6 +91,7 @@ def _serve(args: argparse.Namespace) -> int:
         ("tls.cert", args.tls_cert),
         ("tls.key", args.tls_key),
         ("log_level", args.log_level),
+        ("log_format", args.log_format),
     ):
         if value is not None:
             overrides[key] = value
@@ -94,7 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from kefu import app
 
-    return app.run(config)
+    return app.run(config, profile=args.profile)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -304,6 +304,7 @@ class Config(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     store: StoreConfig = field(default_factory=StoreConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
 
     def __post_init__(self) -> None:
         # msgspec calls this after every field passed its own limits, also when converting.

@@ -460,3 +460,24 @@ def test_help_lists_the_options() -> None:
         "KEFU_ADMIN_TOKEN",
     ):
         assert option in out
+
+
+def test_json_logs_and_profile(start: Any, tmp_path: Path) -> None:
+    import json
+    import pstats
+
+    profile = tmp_path / "run.prof"
+    server = start(
+        *_ports0(tmp_path / "data"), "--log-format", "json", "--profile", str(profile)
+    ).wait_ready()
+    status, _ = _http(f"{server.http_url}/healthz")
+    assert status == 200
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+    records = [json.loads(line) for line in server.stderr.splitlines() if line.strip()]
+    assert records, "no log lines"
+    assert all({"ts", "level", "logger", "msg"} <= r.keys() for r in records)
+    assert any(r["logger"] == "kefu.ws" and "connections" in r["msg"] for r in records)
+    stats = pstats.Stats(str(profile))
+    functions = {f"{path}:{name}" for path, _line, name in stats.stats}  # type: ignore[attr-defined]
+    assert any(f.endswith("node.py:start") for f in functions), sorted(functions)[:20]
