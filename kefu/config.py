@@ -158,6 +158,7 @@ class WsConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     rate_close_after: Annotated[int, Meta(ge=1, le=100_000)] = 20
     outbound_limit_bytes: Annotated[int, Meta(ge=64 * KiB, le=GiB)] = MiB
     max_connections: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
+    read_buffer_bytes: Annotated[int, Meta(ge=256, le=MiB)] = 2 * KiB
 
 
 class AgentConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
