@@ -152,7 +152,7 @@ class Ended(msgspec.Struct, frozen=True):
     agent_id: str | None = None
 
 
-class ConversationState(msgspec.Struct, kw_only=True):
+class ConversationState(msgspec.Struct, kw_only=True, gc=False):
     """One conversation in memory. Change it through :class:`Conversations`."""
 
     id: int

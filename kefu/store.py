@@ -196,7 +196,7 @@ class StoreUnavailable(StoreError):
 # Records
 
 
-class StoredMessage(msgspec.Struct, array_like=True, kw_only=True):
+class StoredMessage(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     conv: int
     seq: int
     epoch: int
@@ -210,7 +210,7 @@ class StoredMessage(msgspec.Struct, array_like=True, kw_only=True):
     meta: dict[str, Any] | None = None
 
 
-class StoredConversation(msgspec.Struct, array_like=True, kw_only=True):
+class StoredConversation(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     id: int
     visitor_id: str
     user_id: str | None = None
@@ -226,7 +226,7 @@ class StoredConversation(msgspec.Struct, array_like=True, kw_only=True):
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-class StoredAgent(msgspec.Struct, array_like=True, kw_only=True):
+class StoredAgent(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     id: str
     name: str
     token_hash: str | None = None
@@ -456,12 +456,16 @@ class GroupCommitWriter:
             )
         if self._closed:
             raise StoreUnavailable("the store is closed")
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            if self.unacked_count:
-                raise RuntimeError("the store is in use by another event loop")
-            self._loop = loop
-            self._flush_scheduled = False
+        if not self.unacked_count:
+            # Only while nothing is in flight may the loop change (a store reopened under a new
+            # loop in tests); asking for the running loop costs a getpid() system call, too
+            # much for every message.
+            loop = asyncio.get_running_loop()
+            if loop is not self._loop:
+                self._loop = loop
+                self._flush_scheduled = False
+        else:
+            loop = cast(asyncio.AbstractEventLoop, self._loop)  # set by the first submit
         nbytes = 0
         for key, value in ops:
             nbytes += len(key) if value is None else len(key) + len(value)

@@ -1,1 +1,1 @@
-"""End-to-end load generators for kefu (``python -m loadtest.chat_throughput``)."""
+"""kefu's load harness: ``python -m loadtest SCENARIO`` (see loadtest/README.md)."""

@@ -117,24 +117,25 @@ class BotTurn(msgspec.Struct, frozen=True):
 
 
 class _CpuClock:
-    """CPU time of one decision on the loop's thread: ``lap()`` before each await adds the time
-    since the last mark, ``resume()`` after it sets a new mark, so what other tasks do while
-    this one waits is not counted. The model client's own parsing inside ``__anext__`` is not
+    """Time of one decision on the loop's thread, in synchronous stretches (CPU time unless the
+    OS preempts the process; see kefu.node "Accounting"): ``lap()`` before each await adds the
+    time since the last mark, ``resume()`` after it sets a new mark, so what other tasks do
+    while this one waits is not counted. The model client's own parsing inside ``__anext__`` is not
     counted either."""
 
     __slots__ = ("mark", "total_ns")
 
     def __init__(self) -> None:
         self.total_ns = 0
-        self.mark = time.thread_time_ns()
+        self.mark = time.perf_counter_ns()
 
     def lap(self) -> None:
-        now = time.thread_time_ns()
+        now = time.perf_counter_ns()
         self.total_ns += now - self.mark
         self.mark = now
 
     def resume(self) -> None:
-        self.mark = time.thread_time_ns()
+        self.mark = time.perf_counter_ns()
 
 
 class _Passage(msgspec.Struct, frozen=True):

@@ -1,0 +1,587 @@
+"""``python -m loadtest SCENARIO``: the scenarios of kefu's load harness and their command line.
+
+    python -m loadtest idle  --visitors 19000 --duration 10 --spawn
+    python -m loadtest chat  --visitors 8000 --rate 10000 --duration 20 --spawn
+    python -m loadtest chat  --visitors 8000 --rate 0 --duration 20 --spawn   # closed loop: max
+    python -m loadtest ramp  --visitors 8000 --rate 5000 --step 1.25 --p99-ms 5 --spawn
+    python -m loadtest bot   --visitors 1000 --rate 500 --duration 20 --spawn
+    python -m loadtest storm --visitors 10000 --rate 2000 --duration 15 --spawn
+    python -m loadtest relay --visitors 8000 --rate 10000 --duration 20 --spawn
+
+Scenarios
+---------
+- ``idle``: ``--visitors`` connections (conversations created over REST, no agents), held for
+  ``--duration`` seconds, then ``--probe`` of them picked at random are pinged (``ping`` ->
+  ``pong``); reports the connection ramp (connections/s), how many were held, and the server's
+  RSS per connection (RSS after connecting minus RSS before, over the connections).
+- ``chat``: ``--visitors`` conversations, each taken by one of ``--agents`` agents (default:
+  enough for 100 conversations each, the protocol's ``max_chats`` limit). Visitors send at
+  ``--rate`` messages/s in total, open loop (on a schedule, whatever the answers: no
+  coordinated omission); ``--rate 0`` is closed loop instead (each visitor keeps ``--window``
+  messages in flight: the node's maximum). Agents answer every ``--reply-every``-th message
+  they receive (0: never), which measures agent -> visitor.
+- ``ramp``: ``chat`` with the rate raised by ``--step`` every ``--duration`` seconds until the
+  step's visitor -> agent p99 passes ``--p99-ms``, less than 90 % of the offered rate is
+  delivered, or something is lost: the node's capacity is the last step within the bound.
+- ``bot``: visitors ask questions of a generated knowledge base (``--spawn`` writes it); bot
+  answer latency, question -> the bot's ``msg``.
+- ``storm``: ``chat`` traffic at ``--rate``; a third into ``--duration`` every client drops its
+  connection at once and resumes (``hello.resume`` from the last ``seq`` it saw, unacknowledged
+  sends repeated with their ``client_msg_id``): the time until every conversation is resumed,
+  and nothing lost or doubled.
+- ``relay``: the ``chat`` workload against kefu, then against a bare picows relay
+  (:mod:`loadtest.relay`) with the same settings: kefu's throughput and latency as a fraction
+  of what the machine does without kefu. ``--relay-only`` skips kefu.
+
+The server: ``--spawn`` (the default without ``--url``) starts ``python -m kefu serve`` from
+this checkout with a fresh data directory; ``--url http://HOST:PORT`` drives a running node
+(its agents' tokens with ``--agent-token``, its pid with ``--server-pid`` for CPU and RSS).
+
+Every run writes ``DIR/SCENARIO-TIME.{json,txt,png}`` (``--report DIR``, default
+``loadtest-results``) and prints the text summary; its first line is ``OK`` or ``LOSS``, and a
+run that lost or doubled anything, or could not connect or resume a client, exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import uvloop
+
+from loadtest import report as reporting
+from loadtest.hist import LatencyHistogram
+from loadtest.runner import Fleet, bot_lost, merge_reports, procs_needed, source_addresses
+from loadtest.server import ProcessSampler, SpawnedServer, agents_needed, kb_questions
+
+SCENARIOS = ("idle", "chat", "ramp", "bot", "storm", "relay")
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "idle": {"visitors": 19_000, "duration": 10.0},
+    "chat": {"visitors": 1_000, "rate": 5_000.0, "duration": 10.0},
+    "ramp": {"visitors": 2_000, "rate": 2_000.0, "duration": 5.0},
+    "bot": {"visitors": 500, "rate": 200.0, "duration": 10.0},
+    "storm": {"visitors": 2_000, "rate": 1_000.0, "duration": 9.0},
+    "relay": {"visitors": 1_000, "rate": 5_000.0, "duration": 10.0},
+}
+SETUP_TIMEOUT_S = 300.0
+DRAIN_TIMEOUT_S = 30.0
+MAX_RAMP_STEPS = 30
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("scenario", choices=SCENARIOS)
+    p.add_argument("--visitors", type=int, help="visitor connections (one conversation each)")
+    p.add_argument("--agents", type=int, help="agent connections (default: visitors / 100)")
+    p.add_argument("--rate", type=float, help="visitor messages/s in total (0: closed loop)")
+    p.add_argument("--duration", type=float, help="seconds of traffic (ramp: per step)")
+    p.add_argument("--size", type=int, default=64, help="message text bytes (default 64)")
+    p.add_argument("--procs", type=int, default=2, help="client processes (more if needed)")
+    p.add_argument("--url", help="HTTP URL of a running kefu (default: --spawn)")
+    p.add_argument("--spawn", action="store_true", help="start kefu with a fresh data dir")
+    p.add_argument("--server-pid", type=int, help="with --url: sample this pid's CPU and RSS")
+    p.add_argument("--agent-token", action="append", default=[], help="with --url, repeated")
+    p.add_argument("--report", default="loadtest-results", metavar="DIR")
+    p.add_argument("--reply-every", type=int, default=10, help="agent answers every Nth (0: none)")
+    p.add_argument("--window", type=int, default=1, help="messages in flight per visitor")
+    p.add_argument("--probe", type=int, default=1_000, help="idle: connections pinged at the end")
+    p.add_argument("--step", type=float, default=1.25, help="ramp: rate factor per step")
+    p.add_argument("--p99-ms", type=float, default=5.0, help="ramp: the latency bound")
+    p.add_argument("--relay-only", action="store_true", help="relay: skip the kefu run")
+    args = p.parse_args(argv)
+    for key, value in DEFAULTS[args.scenario].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.rate is None:
+        args.rate = 0.0
+    if args.duration is None:
+        args.duration = 10.0
+    if args.visitors < 1 or args.duration <= 0 or args.rate < 0 or args.window < 1:
+        p.error("--visitors >= 1, --duration > 0, --rate >= 0, --window >= 1")
+    if args.url and args.spawn:
+        p.error("--url and --spawn exclude each other")
+    if args.url and args.scenario in ("chat", "ramp", "storm", "relay") and not args.agent_token:
+        p.error("--url needs the agents' tokens (--agent-token, repeated)")
+    if args.scenario == "ramp" and args.step <= 1:
+        p.error("--step must be above 1")
+    return args
+
+
+class Setup:
+    """A server (spawned or given), the workers, their connections: what every scenario needs."""
+
+    def __init__(self, args: argparse.Namespace, *, relay: bool = False) -> None:
+        self.args = args
+        self.relay = relay
+        self.server: SpawnedServer | None = None
+        self.sampler: ProcessSampler | None = None
+        self.fleet: Fleet | None = None
+        self.t0_ns = time.monotonic_ns()
+        self.info: dict[str, Any] = {}
+        scenario = args.scenario
+        self.bot = scenario == "bot"
+        n = args.visitors
+        if scenario in ("idle", "bot"):
+            m = 0
+        else:
+            m = args.agents if args.agents is not None else agents_needed(n)
+            if args.url and not relay:
+                m = len(args.agent_token)
+        self.visitors, self.agents = n, m
+        tokens = [f"loadtest-agent-{i}-{os.urandom(6).hex()}" for i in range(m)]
+        pid = args.server_pid
+        if relay:
+            self.server = SpawnedServer(
+                connections=n + m, agent_tokens=[], conversations=n, relay=True
+            )
+            tokens = [f"a:{j}" for j in range(m)]
+        elif args.url:
+            self.http_url = args.url.rstrip("/")
+            tokens = list(args.agent_token)
+            self.ws_url = uvloop.run(_public_ws_url(self.http_url))
+        else:
+            self.server = SpawnedServer(
+                connections=n + m, agent_tokens=tokens, conversations=n, bot=self.bot
+            )
+        if self.server is not None:
+            self.http_url, self.ws_url, pid = (
+                self.server.http_url,
+                self.server.ws_url,
+                self.server.pid,
+            )
+        if pid:
+            self.sampler = ProcessSampler(pid, self.t0_ns)
+        procs = procs_needed(n + m, args.procs)
+        sources = source_addresses(self.ws_url, procs)
+        specs: list[dict[str, Any]] = []
+        for w in range(procs):
+            spec: dict[str, Any] = {
+                "wid": w,
+                "ws_url": self.ws_url,
+                "http_url": self.http_url,
+                "source": sources[w],
+                "size": args.size,
+                "reply_every": args.reply_every,
+                "bot": self.bot,
+                "questions": [q for q, _a in kb_questions()],
+                "agent_tokens": tokens[w::procs],
+            }
+            if relay:
+                spec["visitor_tokens"] = [f"v:{i:x}:{i % m}" for i in range(w, n, procs)]
+            specs.append(spec)
+        self.share = [len(range(w, n, procs)) for w in range(procs)]
+        self.info.update(
+            {
+                "server": "relay" if relay else ("spawned" if self.server else self.http_url),
+                "visitors": n,
+                "agents": m,
+                "client_procs": procs,
+                "source_addresses": [s for s in sources if s] or None,
+            }
+        )
+        label = ("relay" if relay else scenario) + f" {n:,}"
+        self.fleet = Fleet(specs, label, self.sampler)
+
+    def connect(self) -> None:
+        """Agents online, conversations created and taken, visitors connected."""
+        fleet = self.fleet
+        assert fleet is not None
+        if self.agents:
+            got = fleet.ask_all(("agents",), "agents", SETUP_TIMEOUT_S)
+            self.info["agents_connected"] = sum(g[0] for g in got)
+            self.info["connect_failed"] = sum(g[1] for g in got)
+        if not self.relay:
+            got = fleet.ask([("create", k) for k in self.share], "created", SETUP_TIMEOUT_S)
+            made = sum(g[0] for g in got)
+            secs = max(g[2] for g in got)
+            self.info["conversations_created"] = made
+            self.info["create_per_s"] = round(made / max(secs, 1e-9), 1)
+            if sum(g[1] for g in got):
+                self.info["create_failed"] = sum(g[1] for g in got)
+            if self.agents:
+                self._wait_assigned()
+        self.rss_before = self.sampler.rss_now() if self.sampler else 0
+        got = fleet.ask_all(("visitors",), "visitors", SETUP_TIMEOUT_S)
+        ok = sum(g[0] for g in got)
+        failed = sum(g[1] for g in got)
+        secs = (max(g[3] for g in got) - min(g[2] for g in got)) / 1e9
+        self.rss_after = self.sampler.rss_now() if self.sampler else 0
+        self.info["connected"] = ok + self.info.get("agents_connected", 0)
+        self.info["connect_failed"] = self.info.get("connect_failed", 0) + failed
+        self.info["connect_s"] = round(secs, 3)
+        self.info["connections_per_s"] = round(ok / max(secs, 1e-9), 1)
+        if self.relay and self.agents:
+            self._wait_assigned()
+
+    def _wait_assigned(self) -> None:
+        fleet = self.fleet
+        assert fleet is not None
+        deadline = time.monotonic() + SETUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if fleet.counts()["assigned"] >= self.visitors:
+                return
+            fleet.pump(0.2)
+        self.info["not_assigned"] = self.visitors - fleet.counts()["assigned"]
+
+    def traffic_start(self, rate: float, duration: float) -> int:
+        """Tells the workers to send; returns the common start time (monotonic ns)."""
+        fleet = self.fleet
+        assert fleet is not None
+        t_go = time.monotonic_ns() + 300_000_000
+        n = max(1, sum(self.share))
+        fleet.send([("run", rate * k / n, duration, t_go, self.args.window) for k in self.share])
+        return t_go
+
+    def traffic(self, rate: float, duration: float) -> int:
+        t_go = self.traffic_start(rate, duration)
+        assert self.fleet is not None
+        self.fleet.collect("ran", duration + SETUP_TIMEOUT_S)
+        return t_go
+
+    def drain(self) -> float:
+        """Waits until nothing is in flight; returns the seconds it took."""
+        fleet = self.fleet
+        assert fleet is not None
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < DRAIN_TIMEOUT_S:
+            c = fleet.counts()
+            if self.bot:
+                done = c["recv_bot"] >= c["acked_visitor"]
+            else:
+                done = (
+                    c["recv_visitor"] >= c["acked_visitor"] and c["recv_agent"] >= c["acked_agent"]
+                )
+            if c["pending"] == 0 and done:
+                break
+            fleet.pump(0.1)
+        return time.monotonic() - t0
+
+    def collect(self, reset: bool = False) -> tuple[dict[str, Any], dict[str, LatencyHistogram]]:
+        assert self.fleet is not None
+        got = self.fleet.ask_all(("report", reset), "report", 60)
+        return merge_reports([g[0] for g in got])
+
+    def server_summary(self, since_ns: int) -> dict[str, Any]:
+        if self.sampler is None:
+            return {}
+        out = self.sampler.summary((since_ns - self.t0_ns) / 1e9)
+        out["pid"] = self.sampler.pid
+        return out
+
+    def close(self) -> None:
+        if self.fleet is not None:
+            self.fleet.close()
+        if self.sampler is not None:
+            self.sampler.stop()
+        if self.server is not None:
+            code = self.server.stop()
+            self.info["server_exit_code"] = code
+
+
+async def _public_ws_url(http_url: str) -> str:
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.get(f"{http_url}/v1/config") as resp,
+    ):
+        return str((await resp.json())["ws_url"])
+
+
+def _accounting(m: dict[str, Any], bot: bool = False) -> dict[str, int]:
+    lost = bot_lost(m) if bot else m["lost_visitor_to_agent"] + m["lost_agent_to_visitor"]
+    acc = {
+        "sent_by_visitors": m.get("sent_visitor", 0),
+        "acked_to_visitors": m.get("acked_visitor", 0),
+        "received_by_agents": m.get("recv_visitor", 0),
+        "sent_by_agents": m.get("sent_agent", 0),
+        "acked_to_agents": m.get("acked_agent", 0),
+        "received_by_visitors": m.get("recv_agent", 0),
+        "lost": lost,
+        "duplicated": m["dups"] + m["received_not_acked"],
+        "delivered_twice": m["dups"],
+        "received_more_than_acked": m["received_not_acked"],
+        "unacked": m["unacked"],
+        "refused": m["refused"],
+        "resent_after_resume": m["resent"],
+        "dup_acks": m["acked_dup"],
+    }
+    if bot:
+        acc["bot_answers"] = m.get("recv_bot", 0)
+    return acc
+
+
+def _rate_in(series: list[int], seconds: float) -> float:
+    whole = max(1, int(seconds))
+    return round(sum(series[:whole]) / whole, 1)
+
+
+def _chat_result(
+    setup: Setup, m: dict[str, Any], h: dict[str, LatencyHistogram], t_go: int, rate: float
+) -> dict[str, Any]:
+    args = setup.args
+    delivered = round(m["window_delivered"] / args.duration, 1)
+    res: dict[str, Any] = dict(setup.info)
+    res["rate_offered"] = rate if rate > 0 else "closed loop"
+    res["duration_s"] = args.duration
+    res["size_bytes"] = args.size
+    res["delivered_per_s"] = delivered
+    res["sent_per_s"] = _rate_in(m["series"]["sent/s"], args.duration)
+    res["generator"] = {"skipped_busy": m["skipped"], "behind_max_ms": m["behind_max_ms"]}
+    res["server_cpu_rss"] = setup.server_summary(t_go)
+    res["errors"] = m["errors"]
+    res["accounting"] = _accounting(m, setup.bot)
+    res["latency"] = {k: v.summary() for k, v in h.items() if v.total}
+    res["series"] = m["series"]
+    res["traffic_start_s"] = (t_go - setup.t0_ns) / 1e9
+    if setup.sampler is not None:
+        res["server_samples"] = setup.sampler.samples
+    return res
+
+
+def run_chat(
+    args: argparse.Namespace, relay: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    setup = Setup(args, relay=relay)
+    try:
+        setup.connect()
+        t_go = setup.traffic(args.rate, args.duration)
+        setup.info["drain_s"] = round(setup.drain(), 3)
+        m, h = setup.collect()
+    finally:
+        setup.close()
+    res = _chat_result(setup, m, h, t_go, args.rate)
+    v2a = h["v2a"].summary() if not setup.bot else h["bot"].summary()
+    what = "bot answers" if setup.bot else "visitor->agent"
+    res["headline"] = (
+        f"{'relay' if relay else 'kefu'} {args.scenario} {setup.visitors:,} visitors"
+        f" + {setup.agents} agents, {res['delivered_per_s']:,.0f} {what}/s delivered,"
+        f" p50 {v2a['p50_ms']} ms p99 {v2a['p99_ms']} ms"
+    )
+    res["scenario"] = "relay" if relay else args.scenario
+    return res, h
+
+
+def run_idle(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    setup = Setup(args)
+    try:
+        setup.connect()
+        assert setup.fleet is not None
+        t_hold = time.monotonic_ns()
+        setup.fleet.pump(args.duration)
+        held = setup.fleet.counts()["connected"]
+        rss_held = setup.sampler.rss_now() if setup.sampler else 0
+        per = [math.ceil(args.probe * k / max(1, sum(setup.share))) for k in setup.share]
+        got = setup.fleet.ask([("probe", k) for k in per], "probed", 120)
+        m, h = setup.collect()
+    finally:
+        setup.close()
+    asked = sum(g[0] for g in got)
+    answered = sum(g[1] for g in got)
+    res: dict[str, Any] = dict(setup.info)
+    res["held_after_s"] = {"seconds": args.duration, "connections": held}
+    res["probe"] = {"asked": asked, "answered": answered}
+    res["probe_unanswered"] = asked - answered
+    conns = max(1, setup.info["connected"])
+    delta = setup.rss_after - setup.rss_before
+    res["server_rss"] = {
+        "before_connect_bytes": setup.rss_before,
+        "after_connect_bytes": setup.rss_after,
+        "after_hold_bytes": rss_held,
+        "per_connection_bytes": round(delta / conns),
+        "per_connection_kib": round(delta / conns / 1024, 2),
+    }
+    res["server_cpu_rss"] = setup.server_summary(t_hold)
+    res["errors"] = m["errors"]
+    res["closes_seen"] = m["closes"]
+    res["dropped"] = m["dropped"]
+    res["latency"] = {k: v.summary() for k, v in h.items() if v.total}
+    if setup.sampler is not None:
+        res["server_samples"] = setup.sampler.samples
+    res["headline"] = (
+        f"idle {setup.info['connected']:,} connections held ({setup.info['connections_per_s']:,.0f}"
+        f" connects/s), server RSS {res['server_rss']['per_connection_kib']} KiB/connection,"
+        f" probe {answered}/{asked}"
+    )
+    res["scenario"] = "idle"
+    return res, h
+
+
+def run_storm(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    setup = Setup(args)
+    try:
+        setup.connect()
+        assert setup.fleet is not None
+        t_go = setup.traffic_start(args.rate, args.duration)
+        wait_s = (t_go - time.monotonic_ns()) / 1e9 + args.duration / 3
+        setup.fleet.pump(max(0.0, wait_s))
+        storms = [g[0] for g in setup.fleet.ask_all(("storm",), "stormed", 180)]
+        setup.fleet.collect("ran", args.duration + SETUP_TIMEOUT_S)
+        setup.info["drain_s"] = round(setup.drain(), 3)
+        m, h = setup.collect()
+    finally:
+        setup.close()
+    res = _chat_result(setup, m, h, t_go, args.rate)
+    t0 = min(s["t0_ns"] for s in storms)
+    last = max(s["last_resumed_ns"] for s in storms)
+    res["storm"] = {
+        "clients": setup.visitors + setup.agents,
+        "reconnected": sum(s["reconnected"] for s in storms),
+        "failed": sum(s["failed"] for s in storms),
+        "all_resumed_s": round((last - t0) / 1e9, 3) if last else None,
+    }
+    res["not_recovered"] = sum(s["not_recovered"] for s in storms)
+    res["resume_timed_out"] = sum(s["resume_timed_out"] for s in storms)
+    res["connect_failed"] = setup.info.get("connect_failed", 0) + res["storm"]["failed"]
+    acc = res["accounting"]
+    res["headline"] = (
+        f"storm {res['storm']['clients']:,} clients dropped at once: all resumed in"
+        f" {res['storm']['all_resumed_s']} s, {acc['lost']} lost, {acc['duplicated']} duplicated"
+    )
+    res["scenario"] = "storm"
+    return res, h
+
+
+def run_ramp(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    setup = Setup(args)
+    steps: list[dict[str, Any]] = []
+    total_h: dict[str, LatencyHistogram] = {}
+    try:
+        setup.connect()
+        rate = args.rate
+        first_go = 0
+        lost_before = 0
+        for _ in range(MAX_RAMP_STEPS):
+            t_go = setup.traffic(rate, args.duration)
+            first_go = first_go or t_go
+            setup.drain()
+            m, h = setup.collect(reset=True)
+            for k, v in h.items():
+                total_h.setdefault(k, LatencyHistogram()).merge(v)
+            s = h["v2a"].summary()
+            delivered = m["window_delivered"] / args.duration
+            lost = m["lost_visitor_to_agent"] + m["lost_agent_to_visitor"] - lost_before
+            lost_before += lost
+            steps.append(
+                {
+                    "offered_per_s": rate,
+                    "delivered_per_s": round(delivered, 1),
+                    "p50_ms": s["p50_ms"],
+                    "p99_ms": s["p99_ms"],
+                    "p99_9_ms": s["p99_9_ms"],
+                    "lost": lost,
+                    "server": setup.server_summary(t_go),
+                }
+            )
+            p99 = s["p99_ms"] if s["p99_ms"] is not None else math.inf
+            if p99 > args.p99_ms or delivered < 0.9 * rate or lost:
+                break
+            rate = round(rate * args.step)
+    finally:
+        setup.close()
+    ok = [
+        s
+        for s in steps
+        if s["p99_ms"] is not None
+        and s["p99_ms"] <= args.p99_ms
+        and not s["lost"]
+        and s["delivered_per_s"] >= 0.9 * s["offered_per_s"]
+    ]
+    res: dict[str, Any] = dict(setup.info)
+    res["p99_bound_ms"] = args.p99_ms
+    res["capacity_per_s"] = ok[-1]["delivered_per_s"] if ok else 0
+    res["steps"] = steps
+    res["accounting"] = _accounting(m)
+    res["errors"] = m["errors"]
+    res["latency"] = {k: v.summary() for k, v in total_h.items() if v.total}
+    res["series"] = m["series"]
+    if setup.sampler is not None:
+        res["server_samples"] = setup.sampler.samples
+        res["traffic_start_s"] = (first_go - setup.t0_ns) / 1e9
+    res["headline"] = (
+        f"ramp {setup.visitors:,} visitors: capacity {res['capacity_per_s']:,.0f} msgs/s"
+        f" with visitor->agent p99 <= {args.p99_ms} ms"
+    )
+    res["scenario"] = "ramp"
+    return res, total_h
+
+
+def run_relay(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    kefu: dict[str, Any] | None = None
+    hists: dict[str, LatencyHistogram] = {}
+    if not args.relay_only:
+        kefu, kh = run_chat(args)
+        hists["kefu v2a"] = kh["v2a"]
+        print(file=sys.stderr)
+    bare, h = run_chat(args, relay=True)
+    hists["relay v2a"] = h["v2a"]
+    res: dict[str, Any] = {"scenario": "relay", "relay": _brief(bare)}
+    if kefu is not None:
+        res["kefu"] = _brief(kefu)
+        ratio = kefu["delivered_per_s"] / max(1e-9, bare["delivered_per_s"])
+        res["throughput_ratio_kefu_to_relay"] = round(ratio, 3)
+        kp99 = kefu["latency"].get("v2a", {}).get("p99_ms")
+        rp99 = bare["latency"].get("v2a", {}).get("p99_ms")
+        if kp99 and rp99:
+            res["p99_ratio_kefu_to_relay"] = round(kp99 / rp99, 2)
+        acc = {
+            k: kefu["accounting"][k] + bare["accounting"][k]
+            for k in ("lost", "duplicated", "unacked")
+        }
+        res["accounting"] = acc
+        res["headline"] = (
+            f"kefu {kefu['delivered_per_s']:,.0f}/s p99 {kp99} ms vs bare relay"
+            f" {bare['delivered_per_s']:,.0f}/s p99 {rp99} ms: ratio {ratio:.2f}"
+        )
+    else:
+        res["accounting"] = bare["accounting"]
+        res["headline"] = bare["headline"]
+    res["latency"] = {k.replace(" ", "_"): v.summary() for k, v in hists.items()}
+    res["series"] = {f"relay {k}": v for k, v in bare["series"].items()}
+    if kefu is not None:
+        res["series"].update({f"kefu {k}": v for k, v in kefu["series"].items()})
+    return res, hists
+
+
+def _brief(res: dict[str, Any]) -> dict[str, Any]:
+    keys = ("visitors", "agents", "rate_offered", "delivered_per_s", "sent_per_s")
+    out = {k: res[k] for k in keys if k in res}
+    for path in ("v2a", "a2v", "ack"):
+        s = res["latency"].get(path, {})
+        for q in ("p50_ms", "p99_ms", "p99_9_ms"):
+            out[f"{path}_{q}"] = s.get(q)
+    acc = res["accounting"]
+    out.update({k: acc[k] for k in ("lost", "duplicated", "unacked")})
+    server = res.get("server_cpu_rss", {})
+    out["server_cpu_mean_pct"] = server.get("cpu_mean_pct")
+    return out
+
+
+RUNNERS = {
+    "idle": run_idle,
+    "chat": run_chat,
+    "ramp": run_ramp,
+    "bot": run_chat,
+    "storm": run_storm,
+    "relay": run_relay,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    result, hists = RUNNERS[args.scenario](args)
+    full = {"environment": reporting.environment(), "result": result}
+    paths = reporting.write(full, hists, Path(args.report))
+    sys.stdout.write(reporting.text_summary(full))
+    print("report: " + ", ".join(str(p) for p in paths))
+    ok, _line = reporting.verdict(result)
+    return 0 if ok else 1

@@ -1,0 +1,164 @@
+"""The load harness counts right: a tiny ``chat`` and ``storm`` against a spawned node, and the
+accounting and histogram on their own.
+
+The end-to-end cases run ``python -m loadtest`` as a user would (a real ``kefu serve``, worker
+processes, loopback only) at sizes that take seconds, and read the JSON report it writes: every
+message sent was acknowledged and received, none twice, and the report has the fields the
+README promises. They assert what the harness reports, not the node's speed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from loadtest.clients import Track
+from loadtest.hist import LatencyHistogram
+from loadtest.report import verdict
+from loadtest.runner import merge_reports
+
+REPO = Path(__file__).resolve().parent.parent
+#: A hang guard only: these runs take a few seconds.
+RUN_TIMEOUT_S = 240
+
+
+def _run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    out = tmp_path / "report"
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtest", *args, "--procs", "1", "--report", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        stdin=subprocess.DEVNULL,
+    )
+    reports = sorted(out.glob("*.json"))
+    assert reports, f"no report written\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
+    assert len(reports) == 1
+    assert reports[0].with_suffix(".txt").read_text(encoding="utf-8") in proc.stdout
+    return proc, json.loads(reports[0].read_text(encoding="utf-8"))
+
+
+def _check_header(report: dict[str, Any]) -> None:
+    env = report["environment"]
+    for key in ("host", "cpu", "cpus", "python", "packages", "commit", "command"):
+        assert env[key], key
+    assert env["packages"]["picows"] and env["packages"]["uvloop"]
+
+
+def _check_accounting(acc: dict[str, int], sent_at_least: int) -> None:
+    assert acc["sent_by_visitors"] >= sent_at_least
+    assert acc["sent_by_visitors"] == acc["acked_to_visitors"] == acc["received_by_agents"]
+    assert acc["sent_by_agents"] == acc["acked_to_agents"] == acc["received_by_visitors"]
+    assert acc["sent_by_agents"] > 0  # --reply-every 2: agents answer
+    assert acc["lost"] == acc["duplicated"] == acc["unacked"] == acc["refused"] == 0
+
+
+def test_chat_accounts_for_every_message(tmp_path: Path) -> None:
+    proc, report = _run(
+        tmp_path,
+        *["chat", "--visitors", "20", "--rate", "200", "--duration", "1.5", "--reply-every", "2"],
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.startswith("OK: 0 lost, 0 duplicated")
+    _check_header(report)
+    res = report["result"]
+    assert res["scenario"] == "chat"
+    assert res["visitors"] == 20 and res["agents"] == 1
+    assert res["connected"] == 21 and res["connect_failed"] == 0
+    _check_accounting(res["accounting"], sent_at_least=200)
+    v2a = res["latency"]["v2a"]
+    assert v2a["count"] == res["accounting"]["received_by_agents"]
+    assert 0 < v2a["p50_ms"] <= v2a["p90_ms"] <= v2a["p99_ms"] <= v2a["p99_9_ms"] <= v2a["max_ms"]
+    assert res["delivered_per_s"] > 0
+    assert res["server_cpu_rss"]["rss_max_bytes"] > 0
+    assert res["server_exit_code"] == 0  # stopped with SIGTERM, exited cleanly
+
+
+def test_storm_resumes_everyone_without_loss(tmp_path: Path) -> None:
+    proc, report = _run(
+        tmp_path,
+        *["storm", "--visitors", "30", "--rate", "300", "--duration", "2", "--reply-every", "2"],
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    res = report["result"]
+    storm = res["storm"]
+    assert storm["clients"] == 31
+    assert storm["reconnected"] == 31 and storm["failed"] == 0
+    assert storm["all_resumed_s"] is not None and storm["all_resumed_s"] > 0
+    assert res["not_recovered"] == 0 and res["resume_timed_out"] == 0
+    _check_accounting(res["accounting"], sent_at_least=300)
+
+
+def _worker_report(acked: dict[str, int], received: dict[str, int]) -> dict[str, Any]:
+    empty = LatencyHistogram().to_wire()
+    return {
+        "sent": {"visitor": sum(acked.values())},
+        "acked": {"visitor": sum(acked.values())},
+        "recv": {"visitor": sum(received.values())},
+        "acked_conv": {"visitor": acked},
+        "recv_conv": {"visitor": received},
+        "errors": {},
+        "closes": {},
+        **dict.fromkeys(
+            (
+                "acked_dup",
+                "refused",
+                "dups",
+                "stray_acks",
+                "resent",
+                "track_overflow",
+                "unacked",
+                "skipped",
+                "dropped",
+                "window_delivered",
+            ),
+            0,
+        ),
+        "behind_max_ms": 0.0,
+        "hist": dict.fromkeys(("ack", "v2a", "a2v", "bot", "connect", "ping"), empty),
+        "sent_series": [0] * 3600,
+        "delivered_series": [0] * 3600,
+    }
+
+
+def test_loss_is_counted_per_conversation() -> None:
+    # Conversation b lost one message and c got one it was never acked for: the totals match
+    # (5 == 5), the per-conversation count does not.
+    sender = _worker_report({"a": 2, "b": 2, "c": 1}, {})
+    receiver = _worker_report({}, {"a": 2, "b": 1, "c": 2})
+    merged, _h = merge_reports([sender, receiver])
+    assert merged["lost_visitor_to_agent"] == 1
+    assert merged["received_not_acked"] == 1
+    ok, line = verdict({"accounting": {"lost": 1, "duplicated": 1}, "headline": "x"})
+    assert not ok and line.startswith("LOSS: 1 lost, 1 duplicated")
+    assert verdict({"accounting": {"lost": 0}, "headline": "x"}) == (
+        True,
+        "OK: 0 lost, 0 duplicated -- x",
+    )
+
+
+def test_track_sees_each_seq_once() -> None:
+    t = Track(3)
+    assert [t.see(s) for s in (4, 6, 6, 5, 4, 7)] == [True, True, False, True, False, True]
+    assert t.contig == 7 and not t.ahead
+
+
+@pytest.mark.parametrize("q", [50.0, 90.0, 99.0, 99.9])
+def test_histogram_percentiles_within_one_percent(q: float) -> None:
+    rng = random.Random(7)
+    values_us = [int(rng.lognormvariate(7, 1.5)) + 1 for _ in range(50_000)]
+    h = LatencyHistogram()
+    for v in values_us:
+        h.record_ns(v * 1000)
+    exact = float(np.percentile(np.array(values_us), q, method="inverted_cdf")) / 1000
+    got = h.percentile_ms(q)
+    assert got is not None and abs(got - exact) <= 0.01 * exact + 0.001
+    assert h.percentile_ms(100) == max(values_us) / 1000
