@@ -1140,7 +1140,8 @@ class Node:
                     and current.agent_id in self.pool
                 ):
                     agent = self.pool.get(current.agent_id)
-                    conn.send(Assigned(conv=conv_hex, agent=AgentRef(id=agent.id, name=agent.name)))
+                    ref = AgentRef(id=agent.id, name=agent.name)
+                    conn.send(Assigned(conv=conv_hex, agent=ref, epoch=current.epoch))
         if role == "agent":
             for a in self.pool:
                 conn.send(Presence(agent=self._presence_of(a.id)))
@@ -1444,7 +1445,7 @@ class Node:
                 agent = self.pool.get(effect.agent_id)
                 ref = AgentRef(id=effect.agent_id, name=agent.name)
                 for c in visitor:
-                    c.send(Assigned(conv=conv_hex, agent=ref))
+                    c.send(Assigned(conv=conv_hex, agent=ref, epoch=state.epoch))
                 agent_conns = self.hub.connections(("agent", effect.agent_id))
                 if not agent_conns:
                     continue
@@ -1460,7 +1461,13 @@ class Node:
                     metadata=meta or None,
                 )
                 frame = Encoded(
-                    Assigned(conv=conv_hex, agent=ref, visitor=profile, messages=recent)
+                    Assigned(
+                        conv=conv_hex,
+                        agent=ref,
+                        visitor=profile,
+                        messages=recent,
+                        epoch=state.epoch,
+                    )
                 )
                 for c in agent_conns:
                     frame.send(c)

@@ -439,6 +439,9 @@ class Assigned(_Frame, tag="assigned", kw_only=True):
     agent: AgentRef
     visitor: VisitorProfile | None = None
     messages: list[Msg] | None = None
+    # An addition to PROTOCOL.md: the conversation's epoch, so that a client holding no
+    # message of it yet can still name it in ``hello.resume``.
+    epoch: int | None = None
 
 
 class Queued(_Frame, tag="queued", kw_only=True):

@@ -90,6 +90,7 @@ async def chat_with_agent(node: Node) -> tuple[ClientConnection, ClientConnectio
     assigned = await recv(agent)
     assert assigned["type"] == "assigned" and assigned["conv"] == conv
     assert assigned["agent"] == {"id": "alice", "name": "Alice"}
+    assert assigned["epoch"] == 1  # so a client with no message yet can resume it
     visitor, welcome = await hello(node, token)
     assert welcome["role"] == "visitor"
     assert welcome["convs"] == [{"conv": conv, "epoch": 1, "top_seq": 0, "status": "assigned"}]
