@@ -123,6 +123,7 @@ from typing import Final, Literal, cast
 import msgspec
 
 from kefu._version import __version__
+from kefu.bot.kb import KbError, KbWatcher, sample_kb_path
 from kefu.bot.llm import Endpoint, LlmClient, LlmOptions
 from kefu.bot.policy import BotPolicy, BotTurn, KnowledgeSource
 from kefu.bot.policy import Handoff as BotHandoff
@@ -157,6 +158,9 @@ from kefu.protocol import (
     Hello,
     History,
     HistoryResponse,
+    KbHit,
+    KbReloadResponse,
+    KbSearchResponse,
     Msg,
     Presence,
     PublicConfig,
@@ -255,6 +259,12 @@ class Unsupported(KefuError):
     code = "unsupported"
 
 
+class InvalidKnowledgeBase(KefuError):
+    """The knowledge-base files do not load; the message names the file and line."""
+
+    code = "invalid_kb"
+
+
 class NotFound(KefuError):
     """No such session (REST, where the caller named it by ``session_id``)."""
 
@@ -344,7 +354,9 @@ class Node:
         self.duplicates_total = 0
         self.bot: BotPolicy | None = None
         self.llm: LlmClient | None = None
+        # A knowledge source given directly (tests, embedding) instead of the watched files.
         self._kb: KnowledgeSource | None = None
+        self.kb_watcher: KbWatcher | None = None
         self._bot_locks: dict[int, asyncio.Lock] = {}
         self._bot_pending: dict[int, int] = {}
         self._bot_active = 0
@@ -413,7 +425,7 @@ class Node:
                 secret = new_secret().encode()
                 await store.put_meta(SECRET_META, secret)
             self._signer = TokenSigner(secret)
-            self._start_bot()
+            await self._start_bot()
             self.ws = WsServer(cfg.ws, self, ssl=self._ssl, allowed_origins=cfg.allowed_origins)
             await self.ws.start()
         except BaseException:
@@ -497,10 +509,20 @@ class Node:
 
     # -- bot --------------------------------------------------------------------------------
 
-    def _start_bot(self) -> None:
+    def _knowledge(self) -> KnowledgeSource | None:
+        if self._kb is not None:
+            return self._kb
+        return self.kb_watcher.current if self.kb_watcher is not None else None
+
+    async def _start_bot(self) -> None:
         bot = self.config.bot
         if not bot.enabled:
             return
+        paths = [sample_kb_path()] if bot.kb is None else list(bot.kb)
+        if paths:
+            watcher = KbWatcher(paths, bot.kb_reload_interval_s)
+            await watcher.start()  # KbError: an invalid knowledge base stops the start
+            self.kb_watcher = watcher
         llm = bot.llm
         if llm.base_url is not None and llm.model is not None:
             self.llm = LlmClient(
@@ -527,9 +549,12 @@ class Node:
                     queue_timeout_s=llm.queue_timeout_s,
                 )
             )
-        self.bot = BotPolicy(bot, lambda: self._kb, self.llm, model=llm.model or "")
+        self.bot = BotPolicy(bot, self._knowledge, self.llm, model=llm.model or "")
 
     async def _stop_bot(self) -> None:
+        if self.kb_watcher is not None:
+            await self.kb_watcher.stop()
+            self.kb_watcher = None
         tasks = list(self._bot_tasks)
         for task in tasks:
             task.cancel()
@@ -888,6 +913,30 @@ class Node:
             checks=checks,
         )
 
+    # -- knowledge base (admin) -------------------------------------------------------------
+
+    def kb_search(self, text: str, k: int = 5) -> KbSearchResponse:
+        """``GET /v1/admin/kb/search``: the best entries for ``text``, as the bot sees them."""
+        kb = self._knowledge()
+        if kb is None:
+            raise NotFound("no knowledge base is loaded (bot.enabled false or bot.kb empty)")
+        hits = [
+            KbHit(id=h.id, score=round(h.score, 6), question=h.question, answer=h.answer)
+            for h in kb.search(text, k)
+        ]
+        return KbSearchResponse(version=int(kb.version), hits=hits)
+
+    async def kb_reload(self) -> KbReloadResponse:
+        """``POST /v1/admin/kb/reload``: rebuild from the files now (``invalid_kb`` when they
+        are broken: the version in service stays)."""
+        if self.kb_watcher is None:
+            raise NotFound("no knowledge base files are configured")
+        try:
+            kb = await self.kb_watcher.reload()
+        except KbError as exc:
+            raise InvalidKnowledgeBase(str(exc)) from None
+        return KbReloadResponse(version=kb.version, entries=len(kb))
+
     # -- accounting -------------------------------------------------------------------------
 
     def _charge(self, conv: int, ns: int) -> None:
@@ -946,6 +995,13 @@ class Node:
         reg.register_collector(lambda: _families("kefu_hub", self.hub.stats()), name="hub")
         reg.register_collector(
             lambda: (
+                [] if self.kb_watcher is None else _families("kefu_kb", self.kb_watcher.stats())
+            ),
+            name="kb",
+        )
+        reg.register_collector(self._collect_bot, name="bot")
+        reg.register_collector(
+            lambda: (
                 []
                 if self._store is None
                 else _families("kefu_store", self._store.stats(), _STORE_COUNTERS)
@@ -960,6 +1016,53 @@ class Node:
             ),
             name="ws",
         )
+
+    def _collect_bot(self) -> list[CollectedFamily]:
+        bot = self.bot
+        if bot is None:
+            return []
+        stats = bot.stats()
+        out = _families(
+            "kefu_bot",
+            {
+                "decisions_total": stats["decisions"],
+                "contexts": stats["contexts"],
+                "contexts_dropped_total": stats["contexts_dropped_total"],
+                "active": self._bot_active,
+                "skipped_total": self.bot_skipped,
+            },
+            labels={"decisions_total": "branch"},
+        )
+        cache = stats["cache"]
+        out += _families(
+            "kefu_bot_cache",
+            {k: v for k, v in cache.items() if not isinstance(v, dict)},
+            frozenset({"hits", "misses", "puts"}),
+        )
+        if self.llm is not None:
+            llm = self.llm.stats()
+            out += _families(
+                "kefu_llm",
+                {k: v for k, v in llm.items() if k != "endpoints"},
+                frozenset(
+                    {
+                        "calls",
+                        "succeeded",
+                        "retries",
+                        "interrupted",
+                        "abandoned",
+                        "fallback_attempts",
+                        "tokens_in",
+                        "tokens_out",
+                        "failures",
+                        "attempt_failures",
+                        "first_token_count",
+                        "first_token_seconds_sum",
+                    }
+                ),
+                {"failures": "reason", "attempt_failures": "reason"},
+            )
+        return out
 
     def _collect_sessions(self) -> list[CollectedFamily]:
         memory = sum(self._memory_of(s) for s in self.conversations)

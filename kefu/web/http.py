@@ -173,6 +173,7 @@ STATUS_OF_CODE: Final[dict[str, int]] = {
     "not_assigned": 409,
     "payload_too_large": 413,
     "unsupported_media_type": 415,
+    "invalid_kb": 422,
     "rate_limited": 429,
     "unsupported": 501,
     "queue_full": 503,
@@ -182,6 +183,9 @@ STATUS_OF_CODE: Final[dict[str, int]] = {
 }
 
 #: aiohttp's own refusals (raised by its router and body reader) -> error code.
+MAX_KB_QUERY_CHARS: Final = 1_000  # GET /v1/admin/kb/search?q=
+MAX_KB_HITS: Final = 50  # ...&k=
+
 _CODE_OF_HTTP_STATUS: Final[dict[int, str]] = {
     400: "bad_request",
     404: "not_found",
@@ -373,6 +377,8 @@ class HttpServer:
             ("DELETE", "/v1/admin/agents/{agent_id}", self.delete_agent),
             ("POST", "/v1/admin/sessions/{session_id}/close", self.admin_close),
             ("GET", "/v1/admin/sessions/{session_id}/stats", self.session_stats),
+            ("GET", "/v1/admin/kb/search", self.kb_search),
+            ("POST", "/v1/admin/kb/reload", self.kb_reload),
         ]
         for method, path, handler in routes:
             # No implicit HEAD routes: the router holds exactly the documented operations.
@@ -539,6 +545,21 @@ class HttpServer:
         self._admin(request)
         await self.node.delete_agent(request.match_info["agent_id"])
         return web.Response(status=204)
+
+    async def kb_search(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        values = request.query.getall("q", [])
+        if len(values) != 1 or not values[0].strip() or len(values[0]) > MAX_KB_QUERY_CHARS:
+            raise _Refusal(
+                "invalid",
+                f"query parameter `q` must be given once, 1 to {MAX_KB_QUERY_CHARS} characters",
+            )
+        k = _query_int(request, "k", 5, 1, MAX_KB_HITS)
+        return _json(self.node.kb_search(values[0], k))
+
+    async def kb_reload(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        return _json(await self.node.kb_reload())
 
     async def session_stats(self, request: web.Request) -> web.Response:
         self._admin(request)

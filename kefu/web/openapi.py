@@ -45,10 +45,12 @@ _ERROR_WORDS: Final[dict[str, str]] = {
     "missing, mistyped or out of its limits (`invalid`, the message names it).",
     "401": "No `Authorization: Bearer` token (`unauthorized`).",
     "403": "The token does not grant this operation (`forbidden`).",
-    "404": "No such session or agent (`not_found`, `unknown_agent`).",
+    "404": "No such session or agent, or no knowledge base (`not_found`, `unknown_agent`).",
     "409": "The request contradicts the state (`conflict`, `conversation_closed`, ...).",
     "413": "The body is larger than 1 MiB (`payload_too_large`).",
     "415": "The body is not `application/json` in UTF-8 (`unsupported_media_type`).",
+    "422": "The knowledge-base files do not load (`invalid_kb`, the message names the file "
+    "and line); the version in service stays.",
     "500": "A server fault (`internal`); the details are in the server's log.",
     "503": "The store is busy or unavailable, or a queue is full (`busy`, `unavailable`, "
     "`queue_full`, `too_many_conversations`); retry after `Retry-After` seconds.",
@@ -114,6 +116,25 @@ def _history_query() -> list[dict[str, Any]]:
                 "maximum": MAX_SYNC_LIMIT,
                 "default": DEFAULT_SYNC_LIMIT,
             },
+        },
+    ]
+
+
+def _kb_query() -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "q",
+            "in": "query",
+            "required": True,
+            "description": "The text to match (a visitor's question).",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 1000},
+        },
+        {
+            "name": "k",
+            "in": "query",
+            "required": False,
+            "description": "At most this many hits (1 to 50).",
+            "schema": {"type": "integer", "minimum": 1, "maximum": 50, "default": 5},
         },
     ]
 
@@ -313,6 +334,27 @@ OPERATIONS: Final[tuple[_Op, ...]] = (
         ok={"200": ("The conversation's resources.", _json_content("SessionStats"))},
         errors=(*_CHAT_AUTH, "404", *_ALWAYS),
     ),
+    _Op(
+        method="get",
+        path="/v1/admin/kb/search",
+        operation_id="kbSearch",
+        summary="The knowledge-base entries that best match a text, best first, scores in [0, 1]",
+        tag="admin",
+        security=_ADMIN,
+        parameters=("kb_query",),
+        ok={"200": ("The hits and the knowledge-base version.", _json_content("KbSearchResponse"))},
+        errors=("400", *_CHAT_AUTH, "404", *_ALWAYS),
+    ),
+    _Op(
+        method="post",
+        path="/v1/admin/kb/reload",
+        operation_id="kbReload",
+        summary="Rebuild the knowledge base from its files now",
+        tag="admin",
+        security=_ADMIN,
+        ok={"200": ("The new version.", _json_content("KbReloadResponse"))},
+        errors=(*_CHAT_AUTH, "404", "422", *_ALWAYS),
+    ),
 )
 
 
@@ -348,6 +390,8 @@ def _operation(op: _Op) -> dict[str, Any]:
             parameters.append(_session_path())
         elif kind == "agent":
             parameters.append(_agent_path())
+        elif kind == "kb_query":
+            parameters += _kb_query()
         else:
             parameters += _history_query()
     if parameters:
