@@ -68,6 +68,9 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="write a cProfile of the whole run to FILE when it stops (python -m pstats FILE)",
     )
+    from kefu.bot.kbtool import add_kb_parser
+
+    add_kb_parser(sub)
     return parser
 
 
@@ -113,5 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _info()
     if args.command == "serve":
         return _serve(args)
+    if args.command == "kb":
+        from kefu.bot.kbtool import run_kb
+
+        return run_kb(args)
     parser.print_help()
     return 0

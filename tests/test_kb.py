@@ -286,3 +286,51 @@ def test_banking77_recall_at_least_scikit_learns(shared_data: str) -> None:
     print(f"BANKING77 R@1 ours {ours_r1 / len(test):.4f} sklearn {sk_r1 / len(test):.4f}")
     assert ours_r1 >= sk_r1
     assert ours_r5 / len(test) > 0.9 and ours_r1 / len(test) > 0.7
+
+
+def test_afqmc_recall_at_least_scikit_learns(shared_data: str) -> None:
+    """AFQMC dev pairs labelled 1 (same meaning): the left side is an entry's question, the
+    right side the visitor's; every pair is its own entry, so the others are distractors."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from kefu.bot.kb import Entry
+    from kefu.bot.kbtool import evaluate
+
+    with open(Path(shared_data) / "afqmc" / "dev.txt", encoding="utf-8") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    pairs = [(a, b) for a, b, label in rows if label == "1"]
+    kb = KnowledgeBase(
+        [Entry(id=f"p{i}", questions=(a,), answer=a) for i, (a, _) in enumerate(pairs)]
+    )
+    result = evaluate(kb, [(b, f"p{i}") for i, (_, b) in enumerate(pairs)])
+    vec = TfidfVectorizer(analyzer=lambda x: x)
+    m = vec.fit_transform([tokenize(a) for a, _ in pairs])
+    s = (vec.transform([tokenize(b) for _, b in pairs]) @ m.T).toarray()
+    top = np.argmax(s, axis=1)
+    sk_r1 = float(np.mean((top == np.arange(len(pairs))) & (s.max(axis=1) > 0)))
+    print(f"AFQMC R@1 ours {result['r_at_1']:.4f} sklearn {sk_r1:.4f} R@5 {result['r_at_5']:.4f}")
+    assert result["r_at_1"] >= sk_r1 - 1e-9
+    assert result["r_at_5"] > result["r_at_1"] > 0.15
+    curve = result["curve"]
+    assert curve[0]["answered"] == 1.0 and curve[-1]["answered"] < 0.05
+
+
+def test_kb_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kefu.cli import main
+
+    good = write(tmp_path / "kb.yaml", ENTRY.format(id="ship", q="运费多少", a="10元"))
+    bad = write(tmp_path / "bad.yaml", "entries:\n  - id: x\n")
+    assert main(["kb", "check", good]) == 0
+    assert "1 entries" in capsys.readouterr().out
+    assert main(["kb", "check", bad]) == 1
+    assert "bad.yaml:2: entries[0]: questions is missing" in capsys.readouterr().err
+    assert main(["kb", "query", good, "-t", "运费多少钱", "-k", "2"]) == 0
+    assert "ship" in capsys.readouterr().out
+    queries = tmp_path / "q.csv"
+    queries.write_text("text,expected_id\n运费多少,ship\n退货,none\n", encoding="utf-8")
+    assert main(["kb", "eval", "--kb", good, "--queries", str(queries), "--json"]) == 0
+    import json
+
+    result = json.loads(capsys.readouterr().out)
+    assert (result["r_at_1"], result["r_at_5"], result["queries"]) == (0.5, 0.5, 2)
+    assert len(result["curve"]) == 21
