@@ -3,16 +3,15 @@ every branch, and every kind of model failure ends in an answer or a handoff."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
-import uvloop
 
 from kefu.bot.llm import Endpoint, LlmClient, LlmOptions
 from kefu.bot.policy import BotPolicy
 from kefu.config import BotConfig, CacheConfig, LlmConfig
+from tests import aio
 from tests.fake_llm import FakeLlm, Reply
 
 
@@ -48,12 +47,8 @@ class FakeKb:
         return None
 
 
-def run(body: Callable[[], Awaitable[None]]) -> None:
-    async def bounded() -> None:
-        await asyncio.wait_for(body(), 30)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(bounded())
+def run(test: Callable[[], Awaitable[None]], timeout: float = 30.0) -> None:
+    aio.run(test, timeout)
 
 
 CONFIG = BotConfig(answer_threshold=0.6, handoff_threshold=0.3, top_k=2)

@@ -19,7 +19,6 @@ from typing import Any
 import aiohttp
 import msgspec
 import pytest
-import uvloop
 from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
@@ -31,6 +30,7 @@ from kefu.node import Node
 from kefu.protocol import ErrorBody
 from kefu.web.http import MAX_BODY_BYTES, HttpServer
 from kefu.web.openapi import OPERATIONS, openapi_document
+from tests import aio
 
 TIMEOUT = 20.0
 RECV_TIMEOUT = 5.0
@@ -41,11 +41,7 @@ IDENTITY_SECRET = "identity-secret"
 
 
 def run(test: Callable[[], Awaitable[None]], timeout: float = TIMEOUT) -> None:
-    async def bounded() -> None:
-        await asyncio.wait_for(test(), timeout)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(bounded())
+    aio.run(test, timeout)
 
 
 def make_config(data_dir: Path, *, identity_required: bool = False) -> Config:

@@ -8,22 +8,19 @@ import asyncio
 import csv
 import os
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-import uvloop
 
 from kefu.bot.kb import KbError, KbWatcher, KnowledgeBase, load_knowledge_base, sample_kb_path
 from kefu.text import tokenize
+from tests import aio
 
 
-def run(body, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    async def bounded() -> None:
-        await asyncio.wait_for(body(), timeout)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(bounded())
+def run(test: Callable[[], Awaitable[None]], timeout: float = 30.0) -> None:
+    aio.run(test, timeout)
 
 
 def write(path: Path, text: str) -> str:

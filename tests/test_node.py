@@ -9,12 +9,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 
 from kefu.config import AgentConfig, BotConfig, Config, WsConfig
 from kefu.node import Node
 from kefu.store import parse_conv_id
+from tests import aio
 
 TIMEOUT = 20.0
 RECV_TIMEOUT = 5.0
@@ -22,11 +22,7 @@ AGENT_TOKEN = "agent-token"
 
 
 def run(test: Callable[[], Awaitable[None]], timeout: float = TIMEOUT) -> None:
-    async def bounded() -> None:
-        await asyncio.wait_for(test(), timeout)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(bounded())
+    aio.run(test, timeout)
 
 
 def make_config(data_dir: Path) -> Config:

@@ -15,24 +15,20 @@ from typing import Any
 
 import msgspec
 import pytest
-import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from kefu.config import RateConfig, WsConfig
 from kefu.protocol import Ack, ClientFrame, Hello, Send, Welcome, decode_server_frame
 from kefu.web.ws import AuthError, Connection, WsServer, raise_nofile_limit
+from tests import aio
 
 CONV = "0123456789abcdef"
 TIMEOUT = 10.0
 
 
 def run(test: Callable[[], Awaitable[None]], timeout: float = TIMEOUT) -> None:
-    async def bounded() -> None:
-        await asyncio.wait_for(test(), timeout)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(bounded())
+    aio.run(test, timeout)
 
 
 class StubHandler:

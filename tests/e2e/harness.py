@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import uvloop
 import yaml
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Origin
 
 import kefu
+from tests import aio
 
 #: The repository root, put on the server's PYTHONPATH so that ``-m kefu`` runs this checkout.
 REPO_ROOT = Path(kefu.__file__).resolve().parent.parent
@@ -55,13 +55,7 @@ _READY_LINE = "kefu: ready"
 
 
 def run(test: Callable[[], Awaitable[None]], timeout: float = TEST_TIMEOUT) -> None:
-    """Run one async test body on uvloop, bounded by ``timeout``."""
-
-    async def bounded() -> None:
-        await asyncio.wait_for(test(), timeout)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(bounded())
+    aio.run(test, timeout)
 
 
 def agent(
