@@ -3,7 +3,7 @@
     python -m bench                 # everything, human-readable tables
     python -m bench --json          # the same rows as JSON (for CI artefacts and the README)
     python -m bench --quick         # fewer rounds, for a smoke run
-    python -m bench --only tfidf    # one module (ringbuf, mq, router, tfidf, kb)
+    python -m bench --only tfidf    # one module (ringbuf, mq, router, tfidf, kb, bot)
 
 Numbers are wall-clock on whatever machine runs them; each table says how the compiled module
 compares with its pure-Python twin and with what a user would reach for instead. Run on an idle
@@ -22,7 +22,7 @@ from collections import defaultdict
 
 from bench._harness import Row
 
-MODULES = ("ringbuf", "mq", "router", "tfidf", "kb")
+MODULES = ("ringbuf", "mq", "router", "tfidf", "kb", "bot")
 
 
 def _machine() -> dict[str, str]:

@@ -59,6 +59,7 @@ import yaml
 from msgspec import Meta, Struct, field
 
 from kefu.protocol import PATTERN_END, AgentId, Groups, MaxChats, Name, Token, Weight
+from kefu.text import jieba_available
 
 __all__ = [
     "ENV_OVERRIDES",
@@ -170,6 +171,24 @@ class AgentConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True)
     groups: Groups = field(default_factory=list)
 
 
+class QuickReplyConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """A canned answer an agent inserts from the workbench (searchable by title and text)."""
+
+    title: Annotated[str, Meta(min_length=1, max_length=80)]
+    text: Annotated[str, Meta(min_length=1, max_length=4_000)]
+
+
+def _default_quick_replies() -> list[QuickReplyConfig]:
+    return [
+        QuickReplyConfig(title="问候 / Greeting", text="您好，请问有什么可以帮您？"),
+        QuickReplyConfig(title="Greeting (en)", text="Hello! How can I help you today?"),
+        QuickReplyConfig(title="稍等 / One moment", text="请稍等，我帮您查询一下。"),
+        QuickReplyConfig(title="One moment (en)", text="One moment please, let me check that."),
+        QuickReplyConfig(title="结束 / Closing", text="感谢您的咨询，祝您生活愉快！"),
+        QuickReplyConfig(title="Closing (en)", text="Thanks for reaching out. Have a nice day!"),
+    ]
+
+
 class LlmEndpointConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """A fallback endpoint, tried in order when the primary fails or its breaker is open."""
 
@@ -241,6 +260,19 @@ class BotConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     max_concurrency: Annotated[int, Meta(ge=1, le=100_000)] = 256
     llm: LlmConfig = field(default_factory=LlmConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    # How knowledge-base text becomes tokens, at the index build and at every query alike:
+    # "default" (words, CJK characters and character pairs: no dictionary, nothing to install)
+    # or "jieba" (CJK segmented into words by jieba, the optional extra `kefu[jieba]`).
+    # See kefu.text; jieba without the package is refused here, at load, not at first use.
+    tokenizer: Literal["default", "jieba"] = "default"
+
+    def __post_init__(self) -> None:
+        if self.tokenizer == "jieba" and not jieba_available():
+            raise _CrossFieldError(
+                '`bot.tokenizer` is "jieba" but the jieba package is not installed '
+                "(pip install 'kefu[jieba]', or set it to \"default\")",
+                "bot.tokenizer",
+            )
 
 
 class SessionConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -306,6 +338,9 @@ class Config(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+    quick_replies: Annotated[list[QuickReplyConfig], Meta(max_length=500)] = field(
+        default_factory=_default_quick_replies
+    )
 
     def __post_init__(self) -> None:
         # msgspec calls this after every field passed its own limits, also when converting.

@@ -699,6 +699,80 @@ class SessionStats(_Body, kw_only=True):
     memory_bytes: int
 
 
+class QuickReply(_Body, kw_only=True):
+    title: str
+    text: str
+
+
+class AgentMe(_Body, kw_only=True):
+    """``GET /v1/agent/me``: the calling agent, and the quick replies of the workbench."""
+
+    id: str
+    name: str
+    weight: int
+    max_chats: int
+    groups: list[str]
+    status: AgentStatus
+    active_chats: int
+    quick_replies: list[QuickReply]
+
+
+class AgentConversation(_Body, kw_only=True):
+    """One open conversation of the calling agent; ``read_seq`` is the agent's read mark, so
+    ``top_seq - read_seq`` is its unread count."""
+
+    session_id: str
+    status: ConversationStatus
+    epoch: int
+    top_seq: int
+    read_seq: int
+    created_ts: int
+    updated_ts: int
+    visitor: VisitorProfile
+    last_message: Msg | None = None
+
+
+class WaitingConversation(_Body, kw_only=True):
+    """One conversation of the waiting queue, as an agent sees it before accepting it."""
+
+    session_id: str
+    position: int
+    created_ts: int
+    visitor: VisitorProfile
+    group: str | None = None
+
+
+class AgentConversations(_Body, kw_only=True):
+    """``GET /v1/agent/conversations``: my open conversations and the head of the queue."""
+
+    conversations: list[AgentConversation]
+    queue: list[WaitingConversation]
+
+
+class CacheFigures(_Body, kw_only=True):
+    hits: int
+    misses: int
+    hit_rate: float
+
+
+class KbFigures(_Body, kw_only=True):
+    version: int | None
+    entries: int
+    error: str | None = None
+
+
+class AdminStats(_Body, kw_only=True):
+    """``GET /v1/admin/stats``: live figures of this node for the admin page."""
+
+    connections: dict[str, int]
+    conversations: dict[str, int]
+    queue_length: int
+    messages_total: int
+    cache: CacheFigures
+    kb: KbFigures
+    uptime_s: float
+
+
 REST_BODIES: Final[tuple[type[Struct], ...]] = (
     CreateChatRequest,
     CreateChatResponse,
@@ -718,6 +792,9 @@ REST_BODIES: Final[tuple[type[Struct], ...]] = (
     KbSearchResponse,
     KbReloadResponse,
     SessionStats,
+    AgentMe,
+    AgentConversations,
+    AdminStats,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -862,8 +939,8 @@ def decode_server_frame(data: Buffer, *, msgpack: bool = False) -> ServerFrame:
     if msgpack:
         if isinstance(data, str):
             raise TypeError("MessagePack frames are bytes")
-        return _server_msgpack.decode(data)  # type: ignore[no-any-return]
-    return _server_json.decode(data)  # type: ignore[no-any-return]
+        return _server_msgpack.decode(data)
+    return _server_json.decode(data)
 
 
 B = TypeVar("B", bound=Struct)

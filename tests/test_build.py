@@ -76,6 +76,10 @@ def test_pure_python_wheel_has_no_native_code_and_passes_core_tests(tmp_path: Pa
             assert f"kefu/_core/_{mod}_py.py" in names
             assert f"kefu/_core/{mod}.pyi" in names
         assert "kefu/py.typed" in names
+        # What `kefu serve` needs at run time: the sample knowledge base and the web front.
+        assert "kefu/data/kb/shop.yaml" in names
+        for page in ("chat.html", "agent.html", "admin.html", "widget.js", "kefu-client.js"):
+            assert f"kefu/web/static/{page}" in names
         site = tmp_path / "site"
         zf.extractall(site)
 

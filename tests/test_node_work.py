@@ -370,6 +370,16 @@ def test_metrics_follow_the_traffic(tmp_path: Path) -> None:
             assert got[("kefu_messages_total", (("role", "agent"),))] == 1
             assert got[("kefu_message_duplicates_total", ())] == 1
             assert got[("kefu_message_persist_seconds_count", ())] == 4
+            # Every WS message is timed from its frame's read to storage and to delivery.
+            for path in ("persisted", "delivered"):
+                name = f"kefu_message_received_to_{path}_seconds"
+                assert got[(f"{name}_count", ())] == 4
+                assert 0 < got[(f"{name}_sum", ())] < 4 * 10.0
+            assert (
+                got[("kefu_message_received_to_delivered_seconds_sum", ())]
+                >= got[("kefu_message_received_to_persisted_seconds_sum", ())]
+            )
+            assert got[("kefu_ws_write_batches_total", ())] >= 1
             assert got[("kefu_conversations_open_assigned", ())] == 1
             assert got[("kefu_routing_load", ())] == 1
             assert got[("kefu_hub_visitor_connections", ())] == 1

@@ -59,6 +59,12 @@ class StubHandler:
             if frame.text.startswith("burst "):
                 self._burst(conn, int(frame.text.split()[1]))
                 return
+            if frame.text == "sizes":
+                # One loop turn: frames of every header length (7-bit, 16-bit, 64-bit), then
+                # more small ones, all collected into one write.
+                for i, size in enumerate(SIZES):
+                    conn.send(Send(conv=CONV, client_msg_id=str(i), text="z" * size))
+                return
             if frame.text == "sleep":
                 await asyncio.sleep(0.3)
             self.seq += 1
@@ -107,6 +113,11 @@ async def serving(
         yield server, handler, f"ws://127.0.0.1:{server.port}/ws"
     finally:
         await server.stop(timeout=2.0)
+
+
+#: Text sizes around the frame-length encodings' edges (125/126, 65535/65536 bytes of payload
+#: once the JSON wrapper is added), for the write-coalescing test.
+SIZES = (0, 1, 60, 61, 62, 125, 126, 65_400, 65_470, 65_480, 70_000, 3, 3, 3)
 
 
 def send_frame(text: str = "hi", cmid: str = "m1") -> str:
@@ -605,3 +616,53 @@ def test_raise_nofile_limit() -> None:
         raise ValueError("no")
 
     assert raise_nofile_limit(lambda _: (1024, resource.RLIM_INFINITY), refuse) == 1024
+
+
+@pytest.mark.parametrize("subprotocol", [None, "kefu.msgpack"])
+def test_frames_of_one_turn_are_coalesced_and_arrive_whole_in_order(
+    subprotocol: str | None,
+) -> None:
+    """Many frames sent to a connection in one loop turn go out in a few writes; the client
+    (the ``websockets`` library, strict about framing) still reads each frame whole, in order."""
+
+    async def body() -> None:
+        async with serving(max_msg_bytes=256 << 10) as (server, _, url):
+            kwargs: dict[str, Any] = {"max_size": 1 << 20}
+            if subprotocol is not None:
+                kwargs["subprotocols"] = [subprotocol]
+            ws = await connect(url, **kwargs)
+            await ws.send(
+                HELLO if subprotocol is None else msgspec.msgpack.encode(msgspec.json.decode(HELLO))
+            )
+            await asyncio.wait_for(ws.recv(), 2.0)
+            before = (server.batches_written, server.batched_frames)
+            frame = msgspec.json.decode(send_frame("sizes"))
+            await ws.send(
+                send_frame("sizes") if subprotocol is None else msgspec.msgpack.encode(frame)
+            )
+            got = []
+            for _ in SIZES:
+                data = await asyncio.wait_for(ws.recv(), 2.0)
+                decoded = (
+                    msgspec.json.decode(data)
+                    if subprotocol is None
+                    else msgspec.msgpack.decode(data)
+                )
+                got.append((decoded["client_msg_id"], len(decoded["text"])))
+            assert got == [(str(i), n) for i, n in enumerate(SIZES)]
+            batches = server.batches_written - before[0]
+            frames = server.batched_frames - before[1]
+            assert frames == len(SIZES)
+            assert batches < len(SIZES)  # coalesced, not one write per frame
+            # The connection is still in order afterwards: a normal send gets its ack.
+            await ws.send(
+                send_frame("after", "m9")
+                if subprotocol is None
+                else msgspec.msgpack.encode(msgspec.json.decode(send_frame("after", "m9")))
+            )
+            data = await asyncio.wait_for(ws.recv(), 2.0)
+            ack = msgspec.json.decode(data) if subprotocol is None else msgspec.msgpack.decode(data)
+            assert ack["type"] == "ack" and ack["client_msg_id"] == "m9"
+            await ws.close()
+
+    run(body)

@@ -7,7 +7,8 @@ File format (PROTOCOL.md, "Knowledge-base file format")::
         questions: ["运费多少", "How much is shipping?"]
         answer: "满99元包邮，不满收取10元运费。"
         tags: [shipping]                  # optional
-        group: sales                      # optional: the agents' group for this topic
+        group: sales                      # optional: the agents' group for this topic,
+                                          # where handoffs about it go (kefu.bot.policy)
     rules:                                # optional, checked before retrieval, in order
       - match: {keywords: ["转人工", "human"]}
         action: handoff                   # handoff | close | route (with group:)
@@ -19,9 +20,12 @@ answer is missing``); an id used twice names both places. Limits: :data:`MAX_ENT
 in all, :data:`MAX_QUESTIONS` phrasings an entry, :data:`MAX_TEXT_CHARS` characters a question
 or answer, :data:`MAX_RULES` rules, :data:`MAX_FILE_BYTES` a file.
 
-Retrieval: each phrasing is a document of :func:`kefu.text.tokenize` tokens in a
-:class:`kefu._core.tfidf.TfidfIndex` (scikit-learn's TF-IDF weights, cosine similarity);
-an entry scores as its best phrasing (``query_grouped``), so scores are in [0, 1].
+Retrieval: each phrasing is a document of tokens in a :class:`kefu._core.tfidf.TfidfIndex`
+(scikit-learn's TF-IDF weights, cosine similarity); an entry scores as its best phrasing
+(``query_grouped``), so scores are in [0, 1]. The tokens come from the tokenizer named by
+``bot.tokenizer`` (:func:`kefu.text.get_tokenizer`: ``default`` or ``jieba``); a knowledge
+base keeps the one it was built with and tokenizes every query with it, so the index and the
+queries always agree. jieba configured but not installed is a :class:`KbError` at the build.
 
 Rules: keywords match case-insensitively as substrings (Chinese has no spaces to find words
 by; an ASCII keyword must also stand as a whole word, so ``agent`` does not fire on
@@ -53,7 +57,7 @@ import numpy as np
 import yaml
 
 from kefu._core import tfidf as _tfidf
-from kefu.text import Vocabulary, tokenize
+from kefu.text import TokenizerUnavailable, Vocabulary, get_tokenizer
 
 __all__ = [
     "MAX_ENTRIES",
@@ -104,12 +108,14 @@ class Rule(msgspec.Struct, frozen=True, gc=False):
 
 
 class Hit(msgspec.Struct, frozen=True, gc=False):
-    """One search result: the entry, its score in [0, 1] and the phrasing that matched."""
+    """One search result: the entry, its score in [0, 1], the phrasing that matched, and the
+    entry's agents' group (None when it names none)."""
 
     id: str
     score: float
     question: str
     answer: str
+    group: str | None = None
 
 
 def sample_kb_path() -> str:
@@ -276,7 +282,15 @@ class KnowledgeBase:
         *,
         version: int = 1,
         digest: str = "",
+        tokenizer: str = "default",
     ) -> None:
+        """Index ``entries``. Raises :class:`KbError` when ``tokenizer`` is unknown or needs a
+        package that is not installed."""
+        try:
+            self._tokenize = get_tokenizer(tokenizer)
+        except (ValueError, TokenizerUnavailable) as exc:
+            raise KbError(f"`bot.tokenizer`: {exc}") from None
+        self.tokenizer = tokenizer
         self.entries = tuple(entries)
         self.rules = tuple(rules)
         self.version = version
@@ -288,7 +302,7 @@ class KnowledgeBase:
         phrasings: list[str] = []
         for n, entry in enumerate(self.entries):
             for q in entry.questions:
-                docs.append(self._vocab.add_document(tokenize(q)))
+                docs.append(self._vocab.add_document(self._tokenize(q)))
                 owners.append(n)
                 phrasings.append(q)
         self._groups = np.asarray(owners, dtype=np.int32)
@@ -313,16 +327,15 @@ class KnowledgeBase:
         """The ``k`` best entries for ``text``, best first (none when nothing matches)."""
         if self._index is None or k < 1:
             return []
-        ids = self._vocab.lookup(tokenize(text))
+        ids = self._vocab.lookup(self._tokenize(text))
         if not ids:
             return []
         groups, docs, scores = self._index.query_grouped(ids, self._groups, k)
         out = []
         for g, d, s in zip(groups.tolist(), docs.tolist(), scores.tolist(), strict=True):
             entry = self.entries[g]
-            out.append(
-                Hit(entry.id, min(max(float(s), 0.0), 1.0), self._phrasings[d], entry.answer)
-            )
+            score = min(max(float(s), 0.0), 1.0)
+            out.append(Hit(entry.id, score, self._phrasings[d], entry.answer, entry.group))
         return out
 
     def match_rule(self, text: str) -> Rule | None:
@@ -343,8 +356,10 @@ def _keyword_in(keyword: str, text: str) -> bool:
     return re.search(rf"(?<![0-9a-z]){re.escape(keyword)}(?![0-9a-z])", text) is not None
 
 
-def load_knowledge_base(paths: Iterable[str], version: int = 1) -> KnowledgeBase:
-    """Read, validate and index ``paths`` (raises :class:`KbError`)."""
+def load_knowledge_base(
+    paths: Iterable[str], version: int = 1, *, tokenizer: str = "default"
+) -> KnowledgeBase:
+    """Read, validate and index ``paths`` with ``tokenizer`` (raises :class:`KbError`)."""
     entries: list[Entry] = []
     rules: list[Rule] = []
     seen: dict[str, str] = {}
@@ -362,7 +377,9 @@ def load_knowledge_base(paths: Iterable[str], version: int = 1) -> KnowledgeBase
             raise KbError(f"{os.path.basename(path)}: more than {MAX_ENTRIES} entries in all")
         if len(rules) > MAX_RULES:
             raise KbError(f"{os.path.basename(path)}: more than {MAX_RULES} rules in all")
-    return KnowledgeBase(entries, rules, version=version, digest=digest.hexdigest())
+    return KnowledgeBase(
+        entries, rules, version=version, digest=digest.hexdigest(), tokenizer=tokenizer
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,9 +389,12 @@ def load_knowledge_base(paths: Iterable[str], version: int = 1) -> KnowledgeBase
 class KbWatcher:
     """Keeps :attr:`current` up to date with the files (module doc, "Hot reload")."""
 
-    def __init__(self, paths: Sequence[str], interval_s: float = 0.5) -> None:
+    def __init__(
+        self, paths: Sequence[str], interval_s: float = 0.5, *, tokenizer: str = "default"
+    ) -> None:
         self.paths = list(paths)
         self.interval_s = interval_s
+        self.tokenizer = tokenizer
         self.current: KnowledgeBase | None = None
         self.reloads_total = 0
         self.reload_failures_total = 0
@@ -393,10 +413,13 @@ class KbWatcher:
                 out.append(None)
         return tuple(out)
 
+    def _load(self, version: int) -> KnowledgeBase:
+        return load_knowledge_base(self.paths, version, tokenizer=self.tokenizer)
+
     async def start(self) -> None:
         """Load the files (raises :class:`KbError` when they are invalid), then watch them."""
         self._signature = self._stat()
-        self.current = await asyncio.to_thread(load_knowledge_base, self.paths, 1)
+        self.current = await asyncio.to_thread(self._load, 1)
         log.info(
             "knowledge base v%d: %d entries, %d rules from %d files",
             self.current.version,
@@ -429,7 +452,7 @@ class KbWatcher:
         async with self._lock:
             version = (self.current.version if self.current is not None else 0) + 1
             try:
-                kb = await asyncio.to_thread(load_knowledge_base, self.paths, version)
+                kb = await asyncio.to_thread(self._load, version)
             except KbError as exc:
                 self.reload_failures_total += 1
                 self.last_error = str(exc)

@@ -7,6 +7,9 @@
   R@1, R@5, MRR, and the answered-vs-correct curve: for each threshold t from 0 to 1 by 0.05,
   the share of queries answered (top score >= t) and the precision among them, which is how
   ``bot.answer_threshold`` is chosen.
+
+``query`` and ``eval`` take ``--tokenizer default|jieba`` (``bot.tokenizer``, default
+``default``): the knowledge base is indexed and queried with it, as the server would.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import sys
 from typing import Any
 
 from kefu.bot.kb import KbError, KnowledgeBase, load_knowledge_base
+from kefu.text import TOKENIZERS
 
 __all__ = ["add_kb_parser", "evaluate", "run_kb"]
 
@@ -31,15 +35,26 @@ def add_kb_parser(sub: Any) -> None:
     query.add_argument("files", nargs="+", metavar="FILE")
     query.add_argument("--text", "-t", required=True, help="the question")
     query.add_argument("-k", type=int, default=5, help="how many hits (default 5)")
+    _tokenizer_option(query)
     ev = kb_sub.add_parser("eval", help="R@1, R@5, MRR and the threshold curve")
     ev.add_argument("--kb", nargs="+", required=True, metavar="FILE")
     ev.add_argument("--queries", required=True, metavar="FILE", help="CSV or JSON lines")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    _tokenizer_option(ev)
 
 
-def _load(files: list[str]) -> KnowledgeBase | None:
+def _tokenizer_option(parser: Any) -> None:
+    parser.add_argument(
+        "--tokenizer",
+        choices=TOKENIZERS,
+        default="default",
+        help="as bot.tokenizer (default: default; jieba needs the jieba package)",
+    )
+
+
+def _load(files: list[str], tokenizer: str = "default") -> KnowledgeBase | None:
     try:
-        return load_knowledge_base(files)
+        return load_knowledge_base(files, tokenizer=tokenizer)
     except KbError as exc:
         print(f"kefu kb: {exc}", file=sys.stderr)
         return None
@@ -97,7 +112,7 @@ def run_kb(args: argparse.Namespace) -> int:
         print(f"ok: {len(kb)} entries, {len(kb.rules)} rules")
         return 0
     if args.kb_command == "query":
-        kb = _load(args.files)
+        kb = _load(args.files, args.tokenizer)
         if kb is None:
             return 1
         rule = kb.match_rule(args.text)
@@ -106,7 +121,7 @@ def run_kb(args: argparse.Namespace) -> int:
         for h in kb.search(args.text, max(args.k, 1)):
             print(f"{h.score:.4f}  {h.id}  ({h.question})")
         return 0
-    kb = _load(args.kb)
+    kb = _load(args.kb, args.tokenizer)
     if kb is None:
         return 1
     result = evaluate(kb, _queries(args.queries))

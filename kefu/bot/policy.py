@@ -24,6 +24,32 @@ For each visitor message while the bot owns the conversation, in this order:
    kept as the answer (``meta.truncated``) and the conversation is handed off as well: the
    visitor never waits on silence.
 
+Which humans: the group of a handoff
+-----------------------------------
+Knowledge-base entries may name the agents' ``group`` for their topic (``group: sales``). A
+handoff goes to that group as follows:
+
+- The conversation's **topic** is the entry the bot retrieved last in it with confidence:
+  the top hit of the latest visitor message whose top score was at least
+  ``handoff_threshold`` (the score from which the entry is good enough to ground the model
+  on). A later confident hit replaces it, even one without a group (the visitor moved on
+  to a topic nobody in particular owns); a weak or empty search leaves it as it was.
+- A handoff for the message being answered (``no_answer``, ``llm_unavailable``, a rule's
+  ``handoff``, ``requested``) goes to the topic's group as it stands after that message's
+  search: a middling question about an entry with a group goes to that group; a question
+  the KB knows nothing about goes to the group of the earlier topic; ``转人工`` (which is
+  not searched: its words would match entries about human service rather than the
+  visitor's concern) goes to the group of what the visitor asked about before.
+- A rule's ``route`` names its group itself, and wins.
+- No topic, or a topic entry without a group: anyone (round robin, as without groups). A
+  group nobody is in: anyone as well, rather than a queue nobody serves (:meth:`kefu.node.
+  Node._handoff`). A group whose agents are all busy or away: the conversation waits in the
+  queue for that group.
+
+The topic of a conversation is kept while the bot owns it (forgotten at its handoff or
+close), for at most ``max_contexts`` conversations, the least recently updated dropped first;
+the group is the one the entry had when it was retrieved.
+
 The policy is I/O-free apart from the model call; the node stores and sends what it decides.
 """
 
@@ -169,6 +195,8 @@ class BotPolicy:
         self.estimator = TokenEstimator()
         self.system_prompt = config.llm.system_prompt or DEFAULT_SYSTEM_PROMPT
         self._contexts: dict[int, ConversationContext] = {}
+        # conversation -> (entry id, its group): the topic (module doc, "Which humans").
+        self._topics: dict[int, tuple[str, str | None]] = {}
         self.max_contexts = max_contexts
         self._keywords = [w.lower() for w in config.handoff_keywords]
         self.decisions: dict[str, int] = {}
@@ -199,8 +227,26 @@ class BotPolicy:
         return ctx
 
     def forget(self, conv: int) -> None:
-        """The conversation left the bot (handoff, close): its context goes."""
+        """The conversation left the bot (handoff, close): its context and topic go."""
         self._contexts.pop(conv, None)
+        self._topics.pop(conv, None)
+
+    def topic(self, conv: int) -> tuple[str, str | None] | None:
+        """The conversation's topic: ``(entry id, group)`` (module doc, "Which humans")."""
+        return self._topics.get(conv)
+
+    def topic_group(self, conv: int) -> str | None:
+        """The group a handoff of ``conv`` goes to now, None for anyone."""
+        topic = self._topics.get(conv)
+        return None if topic is None else topic[1]
+
+    def _set_topic(self, conv: int, hit: _Hit) -> None:
+        topics = self._topics
+        topics.pop(conv, None)
+        if len(topics) >= self.max_contexts:
+            del topics[next(iter(topics))]  # the least recently updated
+        # A stand-in knowledge source may give hits without groups.
+        topics[conv] = (hit.id, getattr(hit, "group", None))
 
     def memory_of(self, conv: int) -> int:
         ctx = self._contexts.get(conv)
@@ -212,6 +258,7 @@ class BotPolicy:
             "contexts": len(self._contexts),
             "contexts_max": self.max_contexts,
             "contexts_dropped_total": self.contexts_dropped,
+            "topics": len(self._topics),
             "cache": self.cache.stats(),
         }
 
@@ -245,10 +292,10 @@ class BotPolicy:
     ) -> BotTurn:
         lowered = text.lower()
         if any(w in lowered for w in self._keywords):
-            return BotTurn(handoff=Handoff("requested"))
+            return BotTurn(handoff=Handoff("requested", self.topic_group(conv)))
         kb = self._kb()
         if kb is None:
-            return BotTurn(handoff=Handoff("no_answer"))
+            return BotTurn(handoff=Handoff("no_answer", self.topic_group(conv)))
         rule = kb.match_rule(text)
         if rule is not None:
             if rule.reply is not None:
@@ -257,15 +304,17 @@ class BotPolicy:
                 return BotTurn(close=True)
             if rule.action == "route":
                 return BotTurn(handoff=Handoff("rule", rule.group))
-            return BotTurn(handoff=Handoff("rule"))
+            return BotTurn(handoff=Handoff("rule", self.topic_group(conv)))
         cfg = self.config
         hits = list(kb.search(text, max(cfg.top_k, 1)))
         best = hits[0] if hits else None
         top = best.score if best is not None else 0.0
+        if best is not None and top >= cfg.handoff_threshold:
+            self._set_topic(conv, best)
         if best is not None and top >= cfg.answer_threshold:
             return BotTurn(answer=Answer(best.answer, "kb", best.id, top))
         if best is None or top < cfg.handoff_threshold or self.llm is None:
-            return BotTurn(handoff=Handoff("no_answer"))
+            return BotTurn(handoff=Handoff("no_answer", self.topic_group(conv)))
         return await self._ask_model(conv, text, kb, hits, on_delta, clock)
 
     async def _ask_model(
@@ -317,21 +366,21 @@ class BotPolicy:
             clock.resume()
             return BotTurn(
                 answer=Answer(exc.partial_text, "llm", hits[0].id, hits[0].score, truncated=True),
-                handoff=Handoff("llm_unavailable"),
+                handoff=Handoff("llm_unavailable", self.topic_group(conv)),
             )
         except LlmUnavailable:
             clock.resume()
-            return self._fallback(hits)
+            return self._fallback(conv, hits)
         if done is None or not done.text.strip():
-            return self._fallback(hits)
+            return self._fallback(conv, hits)
         if done.usage is not None:
             self.estimator.observe(messages, done.usage.prompt_tokens)
         if key is not None:
             self.cache.put(key, done.text, finish_reason=done.finish_reason or "stop")
         return BotTurn(answer=Answer(done.text, "llm", hits[0].id, hits[0].score))
 
-    def _fallback(self, hits: list[_Hit]) -> BotTurn:
+    def _fallback(self, conv: int, hits: list[_Hit]) -> BotTurn:
         best = hits[0]
         if best.score >= self.fallback_threshold:
             return BotTurn(answer=Answer(best.answer, "fallback", best.id, best.score))
-        return BotTurn(handoff=Handoff("llm_unavailable"))
+        return BotTurn(handoff=Handoff("llm_unavailable", self.topic_group(conv)))

@@ -123,6 +123,7 @@ from kefu.protocol import (
     is_conv_id,
 )
 from kefu.web.openapi import openapi_json
+from kefu.web.pages import StaticFiles, add_pages
 
 __all__ = [
     "CANCEL_TIMEOUT_S",
@@ -379,10 +380,16 @@ class HttpServer:
             ("GET", "/v1/admin/sessions/{session_id}/stats", self.session_stats),
             ("GET", "/v1/admin/kb/search", self.kb_search),
             ("POST", "/v1/admin/kb/reload", self.kb_reload),
+            ("GET", "/v1/admin/stats", self.admin_stats),
+            ("GET", "/v1/agent/me", self.agent_me),
+            ("GET", "/v1/agent/conversations", self.agent_conversations),
+            ("GET", "/v1/agent/sessions/{session_id}/stats", self.agent_session_stats),
         ]
         for method, path, handler in routes:
             # No implicit HEAD routes: the router holds exactly the documented operations.
             app.router.add_route(method, path, handler)
+        # The pages of the web front (not REST operations: not in /openapi.json).
+        add_pages(app, lambda: self.node.public_config().ws_url, StaticFiles())
         return app
 
     async def start(self) -> None:
@@ -498,11 +505,44 @@ class HttpServer:
         session_id = request.match_info["session_id"]
         after = _query_int(request, "after", 0, 0, MAX_SEQ)
         limit = _query_int(request, "limit", DEFAULT_SYNC_LIMIT, 1, MAX_SYNC_LIMIT)
+        agent = self.node.agent_of_token(token)
+        if agent is not None:
+            # An agent reads a conversation it may see (its own, closed ones included, or a
+            # queued one): the workbench pages the history it was not sent with `assigned`.
+            if not is_conv_id(session_id):
+                raise _Refusal("not_found", "no such session")
+            page = self.node.history(session_id, after, limit, role="agent", principal=agent)
+            return _json(page)
         visitor = self._session_caller(token, session_id)
         if not is_conv_id(session_id):  # only the API key gets here with such an id
             raise _Refusal("not_found", "no such session")
         page = self.node.history(session_id, after, limit, role="visitor", principal=visitor)
         return _json(page)
+
+    # -- the agent workbench ----------------------------------------------------------------
+
+    def _agent(self, request: web.Request) -> str:
+        agent = self.node.agent_of_token(_bearer(request))
+        if agent is None:
+            raise _Refusal("forbidden", "this token is not an agent's token")
+        return agent
+
+    async def agent_me(self, request: web.Request) -> web.Response:
+        return _json(self.node.agent_me(self._agent(request)))
+
+    async def agent_conversations(self, request: web.Request) -> web.Response:
+        return _json(self.node.agent_conversations(self._agent(request)))
+
+    async def agent_session_stats(self, request: web.Request) -> web.Response:
+        agent = self._agent(request)
+        session_id = request.match_info["session_id"]
+        if not is_conv_id(session_id):
+            raise _Refusal("not_found", "no such session")
+        return _json(self.node.agent_session_stats(agent, session_id))
+
+    async def admin_stats(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        return _json(self.node.admin_stats())
 
     # -- public -----------------------------------------------------------------------------
 

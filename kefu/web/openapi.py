@@ -65,6 +65,7 @@ _STORE: Final = ("503",)
 _Security = list[dict[str, list[str]]]
 _VISITOR_OR_KEY: Final[_Security] = [{"visitorToken": []}, {"apiKey": []}]
 _ADMIN: Final[_Security] = [{"adminToken": []}]
+_AGENT: Final[_Security] = [{"agentToken": []}]
 _PUBLIC: Final[_Security] = []
 
 
@@ -207,7 +208,7 @@ OPERATIONS: Final[tuple[_Op, ...]] = (
         operation_id="listMessages",
         summary="A page of a conversation's messages, oldest first",
         tag="chat",
-        security=_VISITOR_OR_KEY,
+        security=[*_VISITOR_OR_KEY, *_AGENT],
         parameters=("session", "history"),
         ok={
             "200": ("The page; `more` when later messages exist.", _json_content("HistoryResponse"))
@@ -355,6 +356,47 @@ OPERATIONS: Final[tuple[_Op, ...]] = (
         ok={"200": ("The new version.", _json_content("KbReloadResponse"))},
         errors=(*_CHAT_AUTH, "404", "422", *_ALWAYS),
     ),
+    _Op(
+        method="get",
+        path="/v1/admin/stats",
+        operation_id="adminStats",
+        summary="Live figures: connections, conversations, queue, messages, cache, KB version",
+        tag="admin",
+        security=_ADMIN,
+        ok={"200": ("The figures of this node now.", _json_content("AdminStats"))},
+        errors=(*_CHAT_AUTH, *_ALWAYS),
+    ),
+    _Op(
+        method="get",
+        path="/v1/agent/me",
+        operation_id="agentMe",
+        summary="The calling agent, and the quick replies of the workbench",
+        tag="agent",
+        security=_AGENT,
+        ok={"200": ("The agent.", _json_content("AgentMe"))},
+        errors=(*_CHAT_AUTH, *_ALWAYS),
+    ),
+    _Op(
+        method="get",
+        path="/v1/agent/conversations",
+        operation_id="agentConversations",
+        summary="The calling agent's open conversations with read marks, and the waiting queue",
+        tag="agent",
+        security=_AGENT,
+        ok={"200": ("Conversations and queue.", _json_content("AgentConversations"))},
+        errors=(*_CHAT_AUTH, *_ALWAYS),
+    ),
+    _Op(
+        method="get",
+        path="/v1/agent/sessions/{session_id}/stats",
+        operation_id="agentSessionStats",
+        summary="CPU time and memory of a conversation the calling agent may see",
+        tag="agent",
+        security=_AGENT,
+        parameters=("session",),
+        ok={"200": ("The conversation's resources.", _json_content("SessionStats"))},
+        errors=(*_CHAT_AUTH, "404", *_ALWAYS),
+    ),
 )
 
 
@@ -423,6 +465,7 @@ def openapi_document() -> dict[str, Any]:
             {"name": "chat", "description": "Conversations, as a visitor or with the API key."},
             {"name": "public", "description": "Open to anyone."},
             {"name": "admin", "description": "Needs the admin token."},
+            {"name": "agent", "description": "Needs an agent's token (the workbench)."},
         ],
         "paths": paths,
         "components": {
@@ -439,6 +482,11 @@ def openapi_document() -> dict[str, Any]:
                     "visitor of any conversation.",
                 },
                 "adminToken": {**bearer, "description": "The admin token (`admin_token`)."},
+                "agentToken": {
+                    **bearer,
+                    "description": "An agent's token: the agent's own conversations, the "
+                    "queued ones, and its own profile.",
+                },
             },
         },
     }
