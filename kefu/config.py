@@ -49,9 +49,10 @@ working directory of the process, as on the command line; they are not resolved 
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Final, Literal, TypeAlias
 
 import msgspec
@@ -71,6 +72,7 @@ __all__ = [
     "ConfigError",
     "HttpConfig",
     "IdentityConfig",
+    "LimitsConfig",
     "LlmConfig",
     "LlmEndpointConfig",
     "RateConfig",
@@ -146,6 +148,50 @@ class RateConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     burst: Annotated[int, Meta(ge=1, le=100_000)] = 60
 
 
+_Cidr: TypeAlias = Annotated[
+    str,
+    Meta(
+        min_length=2,
+        max_length=64,
+        pattern="^[0-9A-Fa-f.:]+(/[0-9]{1,3})?" + PATTERN_END,
+        description="an IP network such as 10.0.0.0/8 or ::1/128 (or one address)",
+    ),
+]
+_ConnCap: TypeAlias = Annotated[int, Meta(ge=1, le=1_000_000)]
+
+
+def _rate(per_second: float, burst: int) -> Callable[[], RateConfig]:
+    return lambda: RateConfig(per_second=per_second, burst=burst)
+
+
+class LimitsConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Rate limits and connection caps beyond the per-connection ``ws.rate``
+    (``kefu.web.ratelimit``; every key in ``kefu.example.yaml``)."""
+
+    exempt: Annotated[list[_Cidr], Meta(max_length=1_000)] = field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"]
+    )
+    trusted_proxies: Annotated[list[_Cidr], Meta(max_length=1_000)] = field(default_factory=list)
+    max_tracked: Annotated[int, Meta(ge=1_000, le=10_000_000)] = 100_000
+    per_ip: RateConfig = field(default_factory=_rate(200.0, 1_000))
+    per_visitor: RateConfig | None = None
+    create_per_ip: RateConfig = field(default_factory=_rate(0.5, 20))
+    ws_connections_per_ip: _ConnCap = 256
+    ws_connections_per_visitor: _ConnCap = 8
+    ws_connections_per_agent: _ConnCap = 16
+
+    def __post_init__(self) -> None:
+        for name in ("exempt", "trusted_proxies"):
+            for i, cidr in enumerate(getattr(self, name)):
+                try:
+                    ipaddress.ip_network(cidr, strict=True)
+                except ValueError as exc:
+                    raise _CrossFieldError(
+                        f"`limits.{name}[{i}]` is not an IP network ({exc})",
+                        f"limits.{name}[{i}]",
+                    ) from None
+
+
 class WsConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     host: Host = "127.0.0.1"
     port: Port = 8081
@@ -160,6 +206,9 @@ class WsConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     outbound_limit_bytes: Annotated[int, Meta(ge=64 * KiB, le=GiB)] = MiB
     max_connections: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
     read_buffer_bytes: Annotated[int, Meta(ge=256, le=MiB)] = 2 * KiB
+    # A conformance-test aid: on this path the WebSocket front echoes every message instead of
+    # speaking the chat protocol (the Autobahn test suite drives an echo server). None: off.
+    echo_path: UrlPath | None = None
 
 
 class AgentConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -336,6 +385,7 @@ class Config(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     quick_replies: Annotated[list[QuickReplyConfig], Meta(max_length=500)] = field(
@@ -384,6 +434,13 @@ class Config(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
                 "one frame of the largest size",
                 "ws.outbound_limit_bytes",
                 "ws.max_msg_bytes",
+            )
+        if self.ws.echo_path == self.ws.path:
+            raise _CrossFieldError(
+                f"`ws.echo_path` is the chat path `ws.path` ({self.ws.path}): the echo path "
+                "must be another one",
+                "ws.echo_path",
+                "ws.path",
             )
         # Two agents with one id or one token could not be told apart at login.
         ids: dict[str, int] = {}
@@ -740,7 +797,7 @@ def _describe(message: str, raw: Mapping[str, Any]) -> tuple[str | None, str]:
 def _collect_descriptions() -> dict[str, str]:
     """Pattern -> what it means in words, from the ``description`` of each constrained str."""
     out: dict[str, str] = {}
-    for alias in (WsUrl, HttpUrl, RedisUrl, Origin, UrlPath, AgentId):
+    for alias in (WsUrl, HttpUrl, RedisUrl, Origin, UrlPath, AgentId, _Cidr, Name):
         for meta in getattr(alias, "__metadata__", ()):
             if isinstance(meta, Meta) and meta.pattern is not None:
                 out[meta.pattern] = meta.description or f"matching {meta.pattern!r}"

@@ -35,6 +35,16 @@ the admin API refuses to change them (``conflict``); agents created through the 
 in the store and may be changed, disabled (their conversations are requeued at once) and
 deleted.
 
+Agent tokens
+------------
+An agent's token is a random secret (``new_secret``, 256 bits) known to the node by its
+SHA-256 only. An agent created through the admin API may get ``token_ttl_days``: from then on
+the token is refused (REST 403, ``hello`` 1008) and the housekeeping tick closes the agent's
+open connections with 1008 ("token expired"). ``POST /v1/admin/agents/{id}/token``
+(:meth:`Node.rotate_agent_token`) replaces the token: the old one is refused as soon as the
+call answers and the agent's open connections, all opened with it, are closed with 1008
+("token revoked"). The tokens of agents declared in the config file change in the file.
+
 Messages
 --------
 ``send`` (WS) and :meth:`Node.send_message` (REST): ``may_write`` (else ``forbidden``), dedup
@@ -146,6 +156,8 @@ from kefu.protocol import (
     AgentMe,
     AgentPresence,
     AgentRef,
+    AgentToken,
+    AgentTokenRequest,
     AgentUpdate,
     AgentView,
     Assigned,
@@ -216,6 +228,7 @@ from kefu.store import (
     format_conv_id,
     parse_conv_id,
 )
+from kefu.web.ratelimit import Limits
 from kefu.web.ws import AuthError, Connection, WsServer
 
 __all__ = [
@@ -244,6 +257,18 @@ ADMIN_HASH_META: Final = "admin_token_hash"
 BOOTSTRAPPED_META: Final = "bootstrapped"
 CREDENTIALS_FILE: Final = "credentials.txt"
 DEMO_AGENT_ID: Final = "demo"
+#: Test-only: set to ``1`` to switch client_msg_id dedup off (see :func:`unsafe_no_dedup`).
+UNSAFE_NO_DEDUP_ENV: Final = "KEFU_UNSAFE_NO_DEDUP"
+
+
+def unsafe_no_dedup() -> bool:
+    """True when ``KEFU_UNSAFE_NO_DEDUP=1``: retries of a ``client_msg_id`` are stored again.
+
+    Test-only, never for production: it exists so that the crash audit
+    (``python -m loadtest.crash --unsafe-no-dedup``) can prove that it sees duplicates when
+    dedup is gone. Read once per node, at construction; a node that has it logs so at start.
+    """
+    return os.environ.get(UNSAFE_NO_DEDUP_ENV) == "1"
 
 
 class Forbidden(KefuError):
@@ -349,6 +374,10 @@ class Node:
         self._config_agents = frozenset(a.id for a in config.agents)
         self._agent_by_hash: dict[str, str] = {}  # sha256(token) -> agent id
         self._agent_hash: dict[str, str] = {}  # agent id -> sha256(token)
+        # agent id -> when its token expires (ms); only agents whose token expires. See
+        # "Agent tokens" in the module doc.
+        self._agent_exp: dict[str, int] = {}
+        self._next_agent_exp = 0  # the earliest of _agent_exp (0: none)
         self._admin_hash: str | None = None
         self.hub = Hub()
         self._presence_dirty: set[str] = set()
@@ -363,6 +392,7 @@ class Node:
         self._id_prefix = os.urandom(8).hex()
         self._id_counter = 0
         self.duplicates_total = 0
+        self._dedup = not unsafe_no_dedup()  # test-only switch, read once
         self.bot: BotPolicy | None = None
         self.llm: LlmClient | None = None
         # A knowledge source given directly (tests, embedding) instead of the watched files.
@@ -376,6 +406,8 @@ class Node:
         # Per-session CPU time (ns), least recently used first; see "Accounting".
         self._cpu: OrderedDict[int, int] = OrderedDict()
         self.cpu_total_ns = 0
+        #: Rate limits and connection caps shared by the WS and REST fronts (kefu.web.ratelimit).
+        self.limits = Limits.from_config(config.limits, config.ws.rate)
         self.metrics = Registry()
         self._register_metrics()
 
@@ -402,6 +434,12 @@ class Node:
     async def start(self) -> None:
         cfg = self.config
         sc = cfg.store
+        if not self._dedup:
+            log.critical(
+                "%s=1: client_msg_id dedup is OFF, retried messages are stored twice "
+                "(test-only switch, never use it in production)",
+                UNSAFE_NO_DEDUP_ENV,
+            )
         self._loop = asyncio.get_running_loop()
         self._store = store = Store.open(
             cfg.data_dir,
@@ -429,6 +467,7 @@ class Node:
                     disabled=sa.disabled,
                 )
                 self._set_agent_hash(sa.id, sa.token_hash)
+                self._set_agent_expiry(sa.id, sa.token_expires_ms)
             await self._first_start()
             await self._restore()
             secret = store.get_meta(SECRET_META)
@@ -437,7 +476,13 @@ class Node:
                 await store.put_meta(SECRET_META, secret)
             self._signer = TokenSigner(secret)
             await self._start_bot()
-            self.ws = WsServer(cfg.ws, self, ssl=self._ssl, allowed_origins=cfg.allowed_origins)
+            self.ws = WsServer(
+                cfg.ws,
+                self,
+                ssl=self._ssl,
+                allowed_origins=cfg.allowed_origins,
+                limits=self.limits,
+            )
             await self.ws.start()
         except BaseException:
             await self._stop_bot()
@@ -698,6 +743,18 @@ class Node:
         effects = self.routing.expire_agents(now_ms)
         if effects:
             self._run_effects(effects)
+        if self._next_agent_exp and now_ms >= self._next_agent_exp:
+            self._close_expired_agents(now_ms)
+
+    def _close_expired_agents(self, now_ms: int) -> None:
+        """Closes (1008) the connections of agents whose token expired: a connection lives
+        no longer than the token that opened it."""
+        for agent_id, exp in self._agent_exp.items():
+            if exp <= now_ms:
+                for c in self.hub.connections(("agent", agent_id)):
+                    c.close(1008, "token expired")
+        pending = [exp for exp in self._agent_exp.values() if exp > now_ms]
+        self._next_agent_exp = min(pending) if pending else 0
 
     def _end(
         self, state: ConversationState, by: str, reason: str, now_ms: int
@@ -738,6 +795,15 @@ class Node:
         old = self._agent_hash.pop(agent_id, None)
         if old is not None:
             self._agent_by_hash.pop(old, None)
+        self._set_agent_expiry(agent_id, None)
+
+    def _set_agent_expiry(self, agent_id: str, expires_ms: int | None) -> None:
+        if expires_ms is None:
+            self._agent_exp.pop(agent_id, None)
+        else:
+            self._agent_exp[agent_id] = expires_ms
+            if not self._next_agent_exp or expires_ms < self._next_agent_exp:
+                self._next_agent_exp = expires_ms
 
     def is_admin(self, token: str) -> bool:
         """Whether ``token`` is the admin token (compared as SHA-256 hashes)."""
@@ -753,6 +819,9 @@ class Node:
         agent_id = self._agent_by_hash.get(hash_token(token))
         if agent_id is None or agent_id not in self.pool or self.pool.get(agent_id).disabled:
             return None
+        exp = self._agent_exp.get(agent_id)
+        if exp is not None and _now_ms() >= exp:
+            return None  # expired: rotate it (POST /v1/admin/agents/{id}/token)
         return agent_id
 
     def visitor_of_token(self, token: str) -> tuple[str, str] | None:
@@ -764,6 +833,14 @@ class Node:
         except (TokenError, KeyError, ValueError):
             return None
         return claims.sub, conv
+
+    def visitor_of_session(self, session_id: str) -> str | None:
+        """The visitor id of an open or known conversation ``session_id``, else None (for the
+        per-visitor rate limit of calls made with the API key)."""
+        try:
+            return self._session(session_id).visitor_id
+        except NotFound:
+            return None
 
     def check_identity(self, user_id: str | None, user_hash: str | None) -> None:
         """PROTOCOL.md "Identities": with ``identity.required`` a ``user_id`` needs its valid
@@ -1016,6 +1093,10 @@ class Node:
         )
         reg.register_collector(lambda: _families("kefu_hub", self.hub.stats()), name="hub")
         reg.register_collector(
+            lambda: _families("kefu_limits", self.limits.stats(), labels=_LIMIT_LABELS),
+            name="limits",
+        )
+        reg.register_collector(
             lambda: (
                 [] if self.kb_watcher is None else _families("kefu_kb", self.kb_watcher.stats())
             ),
@@ -1128,6 +1209,7 @@ class Node:
             disabled=a.disabled,
             status=a.status,
             active_chats=self.pool.load(a.id),
+            token_expires_ts=self._agent_exp.get(a.id),
         )
 
     def list_agents(self) -> AgentList:
@@ -1247,6 +1329,7 @@ class Node:
             max_chats=a.max_chats,
             groups=sorted(a.groups),
             disabled=a.disabled,
+            token_expires_ms=self._agent_exp.get(a.id),
         )
 
     async def create_agent(self, req: AgentCreate) -> AgentCreated:
@@ -1263,6 +1346,7 @@ class Node:
         except ValueError as exc:
             raise Conflict(str(exc)) from None
         self._set_agent_hash(req.id, token_hash)
+        self._set_agent_expiry(req.id, _token_expiry(req.token_ttl_days))
         try:
             await self.store.put_agent(self._stored_agent(req.id))
         except BaseException:
@@ -1296,6 +1380,31 @@ class Node:
                 c.close(1008, "agent disabled")
         await asyncio.gather(fut, *futures)
         return self._agent_view(agent_id)
+
+    async def rotate_agent_token(self, agent_id: str, req: AgentTokenRequest) -> AgentToken:
+        """A new token for ``agent_id``: the old one stops working at once, and the agent's
+        open connections (all opened with the old token) are closed with 1008.
+
+        The new record is written first and the switch made once it is durable: a failed
+        write changes nothing, and no restart can bring back a token this call answered as
+        revoked."""
+        self._check_mutable(agent_id)
+        token = req.token if req.token is not None else new_secret()
+        token_hash = hash_token(token)
+        if self._agent_by_hash.get(token_hash, agent_id) != agent_id:
+            raise Conflict("another agent has this token")
+        expires = _token_expiry(req.token_ttl_days)
+        record = msgspec.structs.replace(
+            self._stored_agent(agent_id), token_hash=token_hash, token_expires_ms=expires
+        )
+        await self.store.put_agent(record)
+        if agent_id not in self.pool:
+            raise NotFound("the agent was deleted meanwhile")
+        self._set_agent_hash(agent_id, token_hash)
+        self._set_agent_expiry(agent_id, expires)
+        for c in self.hub.connections(("agent", agent_id)):
+            c.close(1008, "token revoked")
+        return AgentToken(id=agent_id, token=token, token_expires_ts=expires)
 
     async def delete_agent(self, agent_id: str) -> None:
         self._check_mutable(agent_id)
@@ -1488,7 +1597,7 @@ class Node:
                 self.conversations.check(state.id, "send")  # conversation_closed
             raise Forbidden("you may not write in this conversation")
         conv = state.id
-        if client_msg_id is not None:
+        if client_msg_id is not None and self._dedup:
             dup = store.get_dedup(conv, client_msg_id)
             if dup is not None:
                 await store.barrier()
@@ -1733,6 +1842,11 @@ class Node:
         )
 
 
+def _token_expiry(ttl_days: int | None) -> int | None:
+    """When a token given now for ``ttl_days`` days expires (ms), None for no expiry."""
+    return None if ttl_days is None else _now_ms() + ttl_days * 86_400_000
+
+
 def _profile(state: ConversationState) -> VisitorProfile:
     """What an agent is told about the visitor (``name`` apart, string metadata only)."""
     name = state.metadata.get("name")
@@ -1783,6 +1897,15 @@ _WS_LABELS: Final = {
 def _metric_name(prefix: str, key: str) -> str:
     name = "".join(c if c.isalnum() else "_" for c in key.lower())
     return f"{prefix}_{name}"
+
+
+#: Labels of the nested figures of ``Limits.stats()``.
+_LIMIT_LABELS: Final = {
+    "tracked": "map",
+    "evictions_total": "map",
+    "connection_keys": "map",
+    "refused_total": "limit",
+}
 
 
 def _families(

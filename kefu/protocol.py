@@ -45,7 +45,7 @@ Decoding errors
 - ``unknown_type``: a string ``type`` this server does not know;
 - ``invalid``: a known type with a missing field, a wrong type or a broken limit; the message
   names the field (``missing required field `conv```, ``Expected `str`, got `int` - at
-  `$.text```).
+  `$.text```). A message quoting a refused value is cut to 256 characters, the path kept.
 
 ``ref`` is the frame's ``client_msg_id`` when it is a plausible one (a string of at most 64
 characters), else its ``type`` when that is a string of at most 64 characters, else ``None``.
@@ -79,6 +79,8 @@ __all__ = [
     "CLIENT_FRAME_TYPES",
     "CONV_ID_PATTERN",
     "DEFAULT_SYNC_LIMIT",
+    "LINE_PATTERN",
+    "MAX_AGENT_TOKEN_TTL_DAYS",
     "MAX_AGENT_WEIGHT",
     "MAX_CHATS_LIMIT",
     "MAX_CLIENT_MSG_ID_CHARS",
@@ -96,6 +98,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "REST_BODIES",
     "SERVER_FRAME_TYPES",
+    "TEXT_PATTERN",
     "Accept",
     "Ack",
     "AgentCreate",
@@ -105,6 +108,8 @@ __all__ = [
     "AgentPresence",
     "AgentRef",
     "AgentStatus",
+    "AgentToken",
+    "AgentTokenRequest",
     "AgentUpdate",
     "AgentView",
     "Assigned",
@@ -229,10 +234,27 @@ ClientMsgId: TypeAlias = Annotated[
         description="1 to 64 printable ASCII characters, unique per sender and conversation",
     ),
 ]
-Text: TypeAlias = Annotated[str, Meta(min_length=1, max_length=MAX_TEXT_CHARS)]
+# Control characters (Unicode category Cc: C0, DEL and C1) and the noncharacters U+FFFE and
+# U+FFFF have no place in what people read: they hide text, break terminals and logs, and
+# U+FFFE/U+FFFF are "not a character" by definition. Text and metadata values may keep tab, LF
+# and CR (a message has lines); names, user ids and metadata keys are one line and keep none.
+# Lone surrogates never get this far: msgspec refuses them (and invalid UTF-8) as malformed
+# input. A pattern, not code, so that the OpenAPI schema says it too; one scan of the string.
+_CONTROLS: Final = "\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u009f\\ufffe\\uffff"
+TEXT_PATTERN: Final = "^[^\\u0000-\\u0008" + _CONTROLS + "]*$"
+LINE_PATTERN: Final = "^[^\\u0000-\\u001f\\u007f-\\u009f\\ufffe\\uffff]*" + PATTERN_END
+_NO_CONTROLS: Final = "text without control characters (tab, LF and CR allowed)"
+_ONE_LINE: Final = "one line of text without control characters"
+Text: TypeAlias = Annotated[
+    str,
+    Meta(min_length=1, max_length=MAX_TEXT_CHARS, pattern=TEXT_PATTERN, description=_NO_CONTROLS),
+]
 Token: TypeAlias = Annotated[str, Meta(min_length=1, max_length=MAX_TOKEN_CHARS)]
 Seq: TypeAlias = Annotated[int, Meta(ge=0, le=MAX_SEQ)]
-Name: TypeAlias = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_CHARS)]
+Name: TypeAlias = Annotated[
+    str,
+    Meta(min_length=1, max_length=MAX_NAME_CHARS, pattern=LINE_PATTERN, description=_ONE_LINE),
+]
 _ID_WORDS: Final = "1 to 64 characters of A-Z a-z 0-9 _ . @ -, the first not . @ -"
 AgentId: TypeAlias = Annotated[str, Meta(pattern=AGENT_ID_PATTERN, description=_ID_WORDS)]
 GroupName: TypeAlias = Annotated[str, Meta(pattern=AGENT_ID_PATTERN, description=_ID_WORDS)]
@@ -240,11 +262,27 @@ Weight: TypeAlias = Annotated[int, Meta(ge=1, le=MAX_AGENT_WEIGHT)]
 MaxChats: TypeAlias = Annotated[int, Meta(ge=0, le=MAX_CHATS_LIMIT)]
 Groups: TypeAlias = Annotated[list[GroupName], Meta(max_length=MAX_GROUPS)]
 # A free-form id chosen by the host site (user_id): any characters, bounded like a name.
-ExternalId: TypeAlias = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_CHARS)]
+ExternalId: TypeAlias = Annotated[
+    str,
+    Meta(min_length=1, max_length=MAX_NAME_CHARS, pattern=LINE_PATTERN, description=_ONE_LINE),
+]
 Metadata: TypeAlias = Annotated[
     dict[
-        Annotated[str, Meta(min_length=1, max_length=MAX_METADATA_KEY_CHARS)],
-        Annotated[str, Meta(max_length=MAX_METADATA_VALUE_CHARS)],
+        Annotated[
+            str,
+            Meta(
+                min_length=1,
+                max_length=MAX_METADATA_KEY_CHARS,
+                pattern=LINE_PATTERN,
+                description=_ONE_LINE,
+            ),
+        ],
+        Annotated[
+            str,
+            Meta(
+                max_length=MAX_METADATA_VALUE_CHARS, pattern=TEXT_PATTERN, description=_NO_CONTROLS
+            ),
+        ],
     ],
     Meta(max_length=MAX_METADATA_KEYS),
 ]
@@ -630,8 +668,23 @@ class Health(_Body, kw_only=True):
     checks: dict[str, str]
 
 
+#: Longest lifetime of an agent token given with ``token_ttl_days``: ten years.
+MAX_AGENT_TOKEN_TTL_DAYS: Final = 3_650
+TokenTtlDays: TypeAlias = Annotated[
+    int,
+    Meta(
+        ge=1,
+        le=MAX_AGENT_TOKEN_TTL_DAYS,
+        description="days the token works from now; absent: until it is rotated",
+    ),
+]
+
+
 class AgentCreate(_Body, kw_only=True):
-    """``POST /v1/admin/agents``; without ``token`` the server makes one and returns it once."""
+    """``POST /v1/admin/agents``; without ``token`` the server makes one and returns it once.
+
+    With ``token_ttl_days`` the token stops working that many days from now (rotate it with
+    ``POST /v1/admin/agents/{id}/token`` before then)."""
 
     id: AgentId
     name: Name
@@ -639,6 +692,25 @@ class AgentCreate(_Body, kw_only=True):
     max_chats: MaxChats = 5
     groups: Groups = field(default_factory=list)
     token: Token | None = None
+    token_ttl_days: TokenTtlDays | None = None
+
+
+class AgentTokenRequest(_Body, kw_only=True):
+    """``POST /v1/admin/agents/{id}/token``: a new token for the agent (the server makes one
+    when ``token`` is absent), valid ``token_ttl_days`` if given. The old token stops working
+    at once and the agent's open connections are closed (1008)."""
+
+    token: Token | None = None
+    token_ttl_days: TokenTtlDays | None = None
+
+
+class AgentToken(_Body, kw_only=True):
+    """The agent's new token: the only time the server shows it. ``token_expires_ts`` (ms since
+    the epoch) when it expires."""
+
+    id: str
+    token: str
+    token_expires_ts: int | None = None
 
 
 class AgentUpdate(_Body, kw_only=True):
@@ -660,6 +732,8 @@ class AgentView(_Body, kw_only=True):
     disabled: bool
     status: AgentStatus
     active_chats: int
+    # When the agent's token expires (ms since the epoch); absent: it does not.
+    token_expires_ts: int | None = None
 
 
 class AgentCreated(AgentView, kw_only=True):
@@ -789,6 +863,8 @@ REST_BODIES: Final[tuple[type[Struct], ...]] = (
     AgentView,
     AgentCreated,
     AgentList,
+    AgentTokenRequest,
+    AgentToken,
     KbSearchResponse,
     KbReloadResponse,
     SessionStats,
@@ -817,6 +893,8 @@ encode_msgpack: Final[Callable[[Any], bytes]] = _msgpack_encoder.encode
 _DECODE_FAILURES: Final = (ValueError, RecursionError, TypeError)
 _MAX_REF_CHARS: Final = 64
 _MAX_ECHO_CHARS: Final = 64
+#: Longest message of a ProtocolError made from a decoder's message (:func:`_field_message`).
+_MAX_MESSAGE_CHARS: Final = 256
 
 
 class ProtocolError(KefuError):
@@ -856,11 +934,32 @@ def _ref(raw: dict[Any, Any]) -> str | None:
     return None
 
 
+_PATTERN_WORDS: Final = (
+    (TEXT_PATTERN, "without control characters (tab, LF and CR allowed)"),
+    (LINE_PATTERN, "without control characters"),
+)
+
+
 def _field_message(err: BaseException) -> str:
-    """msgspec's message, which names the field by its path (``- at `$.text```)."""
+    """msgspec's message, which names the field by its path (``- at `$.text```).
+
+    Some messages quote the refused value (``Invalid enum value '...'``): a value of 60 KB
+    would come back whole in the ``error`` frame, so a message longer than
+    :data:`_MAX_MESSAGE_CHARS` is cut to that length, keeping the path that names the field.
+    """
     if isinstance(err, RecursionError):
         return "nested too deeply"
-    return str(err).removeprefix("Object ")
+    message = str(err).removeprefix("Object ")
+    for pattern, words in _PATTERN_WORDS:
+        # msgspec quotes the pattern; the client is better served by what it means.
+        message = message.replace(f"matching regex {pattern!r}", words)
+    if len(message) <= _MAX_MESSAGE_CHARS:
+        return message
+    head, sep, path = message.rpartition(" - at `")
+    if not sep or len(path) > _MAX_MESSAGE_CHARS // 2:
+        head, sep, path = message, "", ""
+    tail = sep + path
+    return head[: _MAX_MESSAGE_CHARS - len(tail) - 3] + "..." + tail
 
 
 class FrameDecoder:
@@ -968,4 +1067,15 @@ def decode_body(data: Buffer, cls: type[B]) -> B:
             raise ProtocolError("bad_request", f"body is not valid JSON: {detail}") from exc
         if not isinstance(raw, dict):
             raise ProtocolError("bad_request", "body is not a JSON object") from exc
+        if any(type(v) is float and v.is_integer() for v in raw.values()):
+            # JSON Schema counts 62.0 as an integer, so the OpenAPI document's `type: integer`
+            # admits it: an integral number is the integer it equals. Only the top-level
+            # fields (where the bodies' integers are), and only on this slow path.
+            fields = {
+                k: int(v) if type(v) is float and v.is_integer() else v for k, v in raw.items()
+            }
+            try:
+                return decoder.decode(encode_json(fields))  # type: ignore[no-any-return]
+            except _DECODE_FAILURES as exc3:
+                raise ProtocolError("invalid", _field_message(exc3)) from exc
         raise ProtocolError("invalid", _field_message(exc)) from exc

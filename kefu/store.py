@@ -234,6 +234,9 @@ class StoredAgent(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     max_chats: int = 5
     groups: list[str] = msgspec.field(default_factory=list)
     disabled: bool = False
+    # When the agent's token stops working (ms since the epoch); None: never. Last, so that
+    # records written before it existed still decode (array_like: a missing tail is default).
+    token_expires_ms: int | None = None
 
 
 _ENCODE = msgspec.msgpack.Encoder().encode

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PY_TREES = ["kefu", "tests", "bench", "loadtest", "setup.py"]
+PY_TREES = ["kefu", "tests", "bench", "loadtest", "fuzz", "setup.py"]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -91,6 +91,14 @@ class KbError(ValueError):
     """A knowledge-base file is invalid; the message starts with ``file:line:``."""
 
 
+class _VocabularyFull(KbError):
+    """The entry ``entry_id`` brings more distinct terms than the index holds."""
+
+    def __init__(self, entry_id: str, message: str) -> None:
+        super().__init__(message)
+        self.entry_id = entry_id
+
+
 class Entry(msgspec.Struct, frozen=True, gc=False):
     id: str
     questions: tuple[str, ...]
@@ -151,6 +159,12 @@ def _text(path: str, node: yaml.Node, what: str, limit: int = MAX_TEXT_CHARS) ->
     text = str(node.value).strip()
     if not text:
         raise KbError(f"{_where(path, node)}: {what} is empty")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # A "\ud800" escape in a double-quoted scalar: no frame could carry the text.
+            raise KbError(f"{_where(path, node)}: {what} holds a lone surrogate") from None
     if len(text) > limit:
         raise KbError(f"{_where(path, node)}: {what} is longer than {limit} characters")
     return text
@@ -173,6 +187,40 @@ def _check_keys(path: str, node: yaml.Node, got: dict[str, yaml.Node], allowed: 
             )
 
 
+def _compose(name: str, raw: bytes) -> yaml.Node | None:
+    """The YAML node tree of a file's bytes; every failure is a :class:`KbError` naming
+    ``name`` and the line.
+
+    The composer is recursive: nesting a few hundred levels deep (``[[[[...``) exhausts
+    Python's stack, which is reported like any other syntax error, with the line reached.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise KbError(f"{name}:{line}: not UTF-8") from None
+    try:
+        loader = yaml.SafeLoader(text)  # checks every character first
+    except yaml.reader.ReaderError as exc:  # one YAML does not allow (NUL, ...)
+        line = text.count("\n", 0, exc.position) + 1
+        char = exc.character  # the code point
+        what = f"#x{char:04x}" if isinstance(char, int) else repr(char)
+        raise KbError(f"{name}:{line}: invalid YAML: unacceptable character {what}") from None
+    try:
+        return loader.get_single_node()  # what yaml.compose does, with the loader at hand
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else loader.get_mark().line + 1
+        problem = exc.problem or exc.context or "syntax error"
+        raise KbError(f"{name}:{line}: invalid YAML: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise KbError(f"{name}:{loader.get_mark().line + 1}: invalid YAML: {exc}") from None
+    except RecursionError:
+        raise KbError(f"{name}:{loader.get_mark().line + 1}: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
 def _parse_file(path: str) -> tuple[list[tuple[Entry, str]], list[Rule], bytes]:
     try:
         size = os.path.getsize(path)
@@ -182,15 +230,7 @@ def _parse_file(path: str) -> tuple[list[tuple[Entry, str]], list[Rule], bytes]:
             raw = f.read()
     except OSError as exc:
         raise KbError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        root = yaml.compose(raw.decode("utf-8"), Loader=yaml.SafeLoader)
-    except UnicodeDecodeError:
-        raise KbError(f"{os.path.basename(path)}: not UTF-8") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise KbError(f"{os.path.basename(path)}{line}: invalid YAML: {problem}") from None
+    root = _compose(os.path.basename(path), raw)
     if root is None:
         return [], [], raw
     top = _mapping(path, root, "the file")
@@ -249,7 +289,9 @@ def _parse_rule(path: str, item: yaml.Node, what: str) -> Rule:
         regex = _text(path, match["regex"], f"{what}.match.regex", 1_000)
         try:
             re.compile(regex)
-        except re.error as exc:
+        except (re.error, OverflowError, RecursionError) as exc:
+            # OverflowError: a repeat count past 2**32 (`a{9999999999}`); RecursionError:
+            # hundreds of nested groups.
             raise KbError(f"{_where(path, match['regex'])}: {what}: bad regex: {exc}") from None
     if ("reply" in fields) == ("action" in fields):
         raise KbError(f"{_where(path, item)}: {what} needs exactly one of reply, action")
@@ -302,7 +344,10 @@ class KnowledgeBase:
         phrasings: list[str] = []
         for n, entry in enumerate(self.entries):
             for q in entry.questions:
-                docs.append(self._vocab.add_document(self._tokenize(q)))
+                try:
+                    docs.append(self._vocab.add_document(self._tokenize(q)))
+                except ValueError as exc:  # the vocabulary is bounded (kefu.text.Vocabulary)
+                    raise _VocabularyFull(entry.id, f"entry {entry.id!r}: {exc}") from None
                 owners.append(n)
                 phrasings.append(q)
         self._groups = np.asarray(owners, dtype=np.int32)
@@ -377,9 +422,12 @@ def load_knowledge_base(
             raise KbError(f"{os.path.basename(path)}: more than {MAX_ENTRIES} entries in all")
         if len(rules) > MAX_RULES:
             raise KbError(f"{os.path.basename(path)}: more than {MAX_RULES} rules in all")
-    return KnowledgeBase(
-        entries, rules, version=version, digest=digest.hexdigest(), tokenizer=tokenizer
-    )
+    try:
+        return KnowledgeBase(
+            entries, rules, version=version, digest=digest.hexdigest(), tokenizer=tokenizer
+        )
+    except _VocabularyFull as exc:
+        raise KbError(f"{seen[exc.entry_id]}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------

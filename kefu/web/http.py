@@ -11,7 +11,8 @@ One middleware turns every refusal into ``{"error": {"code", "message"}}``
 
 - a :class:`~kefu.errors.KefuError` gets the status of its ``code`` from :data:`STATUS_OF_CODE`
   (a code not in the table is a server bug: 500 ``internal``, logged); 401 carries
-  ``WWW-Authenticate: Bearer``, 429 and 503 ``Retry-After`` (:data:`RETRY_AFTER_S`);
+  ``WWW-Authenticate: Bearer``, 429 and 503 ``Retry-After`` (:data:`RETRY_AFTER_S`, or for a
+  rate limit the whole seconds until its bucket lets a call through);
 - aiohttp's own refusals keep their status with a snake_case code: an unknown path is 404
   ``not_found``, a known path with another method 405 ``method_not_allowed`` (with ``Allow``),
   a body over :data:`MAX_BODY_BYTES` 413 ``payload_too_large``;
@@ -20,7 +21,9 @@ One middleware turns every refusal into ``{"error": {"code", "message"}}``
 
 Malformed HTTP (a broken request line, a header over ``max_field_size``) is answered by
 aiohttp's protocol layer before any middleware runs, with its own plain-text 400: there is no
-request yet to route.
+request yet to route. Every valid request fits its limits (:data:`MAX_REQUEST_LINE_BYTES`), and
+the log has one INFO line for such a request, not aiohttp's ERROR with a traceback
+(:class:`_ProtocolLog`).
 
 Request bodies
 --------------
@@ -51,6 +54,15 @@ before the body is read.
 A ``session_id`` in the path that is not a conversation id is 404 ``not_found`` (no such
 session); in a body it is 400 ``invalid`` (the body's schema says what it must look like).
 
+Rate limits
+-----------
+(:mod:`kefu.web.ratelimit`.) ``create`` is charged to the bucket of the client's address before
+its body is read, unless the caller shows the API key (a back end creates chats for many users
+from one address). ``send`` is charged to the address's bucket and, for a valid visitor
+token, the visitor's, before the body is read; with the API key, to the bucket of the visitor
+of the session the body names (not to the address's). Past a bucket: 429 ``rate_limited``
+with ``Retry-After``, and nothing else happens.
+
 Streaming
 ---------
 ``send`` with ``stream: true`` answers ``text/event-stream``: one ``msg`` event per reply (the
@@ -67,7 +79,8 @@ what                       limit                                  beyond
 request body               ``http.max_body_bytes`` (1 MiB; 16,000  413 ``payload_too_large``
                            characters of text are 64 KB at most)  (checked on Content-Length
                                                                   first, else while reading)
-request line, header       aiohttp's 8190 bytes each, 128 headers 400 from aiohttp
+request line               :data:`MAX_REQUEST_LINE_BYTES`         400 from aiohttp
+header                     aiohttp's 8190 bytes each, 128 headers 400 from aiohttp
 idle keep-alive            :data:`KEEPALIVE_TIMEOUT_S`            connection closed
 in-flight requests at      :data:`SHUTDOWN_TIMEOUT_S`, then       cancelled
 stop                       :data:`CANCEL_TIMEOUT_S` to end
@@ -94,10 +107,11 @@ import contextlib
 import logging
 import re
 import ssl as ssl_module
-from collections.abc import Awaitable, Callable
-from typing import Final
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from kefu.config import Config
@@ -109,6 +123,7 @@ from kefu.protocol import (
     MAX_SEQ,
     MAX_SYNC_LIMIT,
     AgentCreate,
+    AgentTokenRequest,
     AgentUpdate,
     CloseRequest,
     CloseResponse,
@@ -124,6 +139,7 @@ from kefu.protocol import (
 )
 from kefu.web.openapi import openapi_json
 from kefu.web.pages import StaticFiles, add_pages
+from kefu.web.ratelimit import RateLimited, TokenBucket, retry_after_s, take_all
 
 __all__ = [
     "CANCEL_TIMEOUT_S",
@@ -144,6 +160,9 @@ MAX_BODY_BYTES: Final = 1 << 20  # the default of http.max_body_bytes
 _MAX_BODY: Final = web.AppKey("max_body_bytes", int)
 #: An idle keep-alive connection is closed after this long (aiohttp's default is an hour).
 KEEPALIVE_TIMEOUT_S: Final = 15.0
+#: Longest request line. The longest valid one is a knowledge-base search of 1,000 four-byte
+#: characters, percent-encoded: 12,000 bytes of query, over aiohttp's default of 8,190.
+MAX_REQUEST_LINE_BYTES: Final = 16 << 10
 #: ``stop()`` waits this long for the requests in flight to finish ...
 SHUTDOWN_TIMEOUT_S: Final = 5.0
 #: ... then gives those still running this long to end once cancelled.
@@ -205,6 +224,31 @@ _DIGITS: Final = re.compile(r"[0-9]{1,19}")
 _BEARER: Final = "bearer "
 
 
+class _ProtocolLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's protocol-layer lines, with a client's malformed request at INFO.
+
+    aiohttp logs every request it cannot parse (a NUL in a header, a broken request line) at
+    ERROR with a traceback, then answers 400: a client fault that anyone on the Internet can
+    repeat to fill the server's log. Such a line becomes one INFO line without the traceback;
+    the server's own failures keep their level.
+    """
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        if (
+            level >= logging.ERROR
+            and isinstance(exc, HttpProcessingError)
+            and 400 <= (exc.code or 500) < 500
+        ):
+            level = logging.INFO
+            kwargs["exc_info"] = None
+            msg = f"{msg}: {exc.code} {exc.message.splitlines()[0] if exc.message else ''}"
+        super().log(level, msg, *args, **kwargs)
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
+        return msg, kwargs
+
+
 def status_of(code: str) -> int:
     """The HTTP status of an error ``code`` (500 for a code the table does not know)."""
     return STATUS_OF_CODE.get(code, 500)
@@ -245,7 +289,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
         elif status in (429, 503):
-            headers = {"Retry-After": RETRY_AFTER_S}
+            # A rate limit knows when its bucket refills (kefu.web.ratelimit); others guess.
+            retry = exc.retry_after if isinstance(exc, RateLimited) else RETRY_AFTER_S
+            headers = {"Retry-After": str(retry)}
         return _error_response(status, exc.code, str(exc), headers)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -376,6 +422,7 @@ class HttpServer:
             ("GET", "/v1/admin/agents/{agent_id}", self.get_agent),
             ("PATCH", "/v1/admin/agents/{agent_id}", self.update_agent),
             ("DELETE", "/v1/admin/agents/{agent_id}", self.delete_agent),
+            ("POST", "/v1/admin/agents/{agent_id}/token", self.rotate_agent_token),
             ("POST", "/v1/admin/sessions/{session_id}/close", self.admin_close),
             ("GET", "/v1/admin/sessions/{session_id}/stats", self.session_stats),
             ("GET", "/v1/admin/kb/search", self.kb_search),
@@ -399,6 +446,8 @@ class HttpServer:
             handle_signals=False,
             keepalive_timeout=KEEPALIVE_TIMEOUT_S,
             shutdown_timeout=CANCEL_TIMEOUT_S,
+            max_line_size=MAX_REQUEST_LINE_BYTES,
+            logger=_ProtocolLog(logging.getLogger("aiohttp.server"), {}),
         )
         await runner.setup()
         try:
@@ -455,9 +504,38 @@ class HttpServer:
             raise _Refusal("forbidden", "this token may not act on this session")
         return found[0]
 
+    # -- rate limits (kefu.web.ratelimit) --------------------------------------------------
+
+    def _client_ip(self, request: web.Request) -> str:
+        forwarded = request.headers.get("X-Forwarded-For")
+        return self.node.limits.client_ip(request.remote or "", forwarded)
+
+    def _charge(self, now: float, *limited: tuple[str, TokenBucket | None]) -> None:
+        """One token of each ``(limit name, bucket)``, or none and 429 ``rate_limited`` with
+        ``Retry-After``; the first empty bucket's limit is counted as the refusing one."""
+        wait = take_all([bucket for _, bucket in limited], now)
+        if wait > 0.0:
+            name = next(n for n, b in limited if b is not None and b.tokens < 1.0)
+            self.node.limits.refused[name] += 1
+            raise RateLimited(
+                f"too many requests, retry in {retry_after_s(wait)} s", retry_after_s(wait)
+            )
+
+    def _is_api_key_call(self, request: web.Request) -> bool:
+        header = request.headers.get("Authorization", "")
+        if header[: len(_BEARER)].lower() != _BEARER:
+            return False
+        return self.node.is_api_key(header[len(_BEARER) :].strip())
+
     # -- chat -------------------------------------------------------------------------------
 
     async def create_chat(self, request: web.Request) -> web.Response:
+        # Limited per address before anything is read; a server-to-server caller (the API
+        # key) creates chats for many users from one address and is not.
+        if not self._is_api_key_call(request):
+            now = asyncio.get_running_loop().time()
+            bucket = self.node.limits.create_bucket(self._client_ip(request), now)
+            self._charge(now, ("create_ip", bucket))
         req = decode_body(await _read_body(request), CreateChatRequest)
         node = self.node
         node.check_identity(req.user_id, req.user_hash)
@@ -475,8 +553,25 @@ class HttpServer:
 
     async def send(self, request: web.Request) -> web.StreamResponse:
         token = _bearer(request)
+        node = self.node
+        limits = node.limits
+        now = asyncio.get_running_loop().time()
+        api_key = node.is_api_key(token)
+        if not api_key:
+            # The address, and the visitor of a valid token, before the body is read.
+            found = node.visitor_of_token(token)
+            self._charge(
+                now,
+                ("rest_ip", limits.ip_bucket(self._client_ip(request), now)),
+                ("rest_visitor", None if found is None else limits.visitor_bucket(found[0], now)),
+            )
         req = decode_body(await _read_body(request), SendRequest)
         visitor = self._session_caller(token, req.session_id)
+        if api_key:
+            # The API key acts as the session's visitor: that visitor's bucket.
+            of_session = node.visitor_of_session(req.session_id)
+            if of_session is not None:
+                self._charge(now, ("rest_visitor", limits.visitor_bucket(of_session, now)))
         result = await self.node.send_message(
             req.session_id, req.text, req.client_msg_id, role="visitor", principal=visitor
         )
@@ -505,6 +600,13 @@ class HttpServer:
         session_id = request.match_info["session_id"]
         after = _query_int(request, "after", 0, 0, MAX_SEQ)
         limit = _query_int(request, "limit", DEFAULT_SYNC_LIMIT, 1, MAX_SYNC_LIMIT)
+        if self.node.is_admin(token):
+            # The administrator may read every conversation (PROTOCOL.md's roles).
+            if not is_conv_id(session_id):
+                raise _Refusal("not_found", "no such session")
+            return _json(
+                self.node.history(session_id, after, limit, role="admin", principal="admin")
+            )
         agent = self.node.agent_of_token(token)
         if agent is not None:
             # An agent reads a conversation it may see (its own, closed ones included, or a
@@ -581,6 +683,11 @@ class HttpServer:
         req = decode_body(await _read_body(request), AgentUpdate)
         return _json(await self.node.update_agent(request.match_info["agent_id"], req))
 
+    async def rotate_agent_token(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        req = decode_body(await _read_body(request), AgentTokenRequest)
+        return _json(await self.node.rotate_agent_token(request.match_info["agent_id"], req))
+
     async def delete_agent(self, request: web.Request) -> web.Response:
         self._admin(request)
         await self.node.delete_agent(request.match_info["agent_id"])
@@ -589,7 +696,9 @@ class HttpServer:
     async def kb_search(self, request: web.Request) -> web.Response:
         self._admin(request)
         values = request.query.getall("q", [])
-        if len(values) != 1 or not values[0].strip() or len(values[0]) > MAX_KB_QUERY_CHARS:
+        # Exactly the document's rule (1 to 1,000 characters): a blank query is valid and
+        # matches nothing, as a blank question would.
+        if len(values) != 1 or not 1 <= len(values[0]) <= MAX_KB_QUERY_CHARS:
             raise _Refusal(
                 "invalid",
                 f"query parameter `q` must be given once, 1 to {MAX_KB_QUERY_CHARS} characters",

@@ -32,6 +32,7 @@ from kefu.protocol import (
     MAX_SYNC_LIMIT,
     PROTOCOL_VERSION,
     REST_BODIES,
+    Delta,
     encode_json,
 )
 
@@ -49,6 +50,8 @@ _ERROR_WORDS: Final[dict[str, str]] = {
     "409": "The request contradicts the state (`conflict`, `conversation_closed`, ...).",
     "413": "The body is larger than 1 MiB (`payload_too_large`).",
     "415": "The body is not `application/json` in UTF-8 (`unsupported_media_type`).",
+    "429": "Over a rate limit of this client address or visitor (`rate_limited`); retry after "
+    "`Retry-After` seconds, the time until the limit lets a call through again.",
     "422": "The knowledge-base files do not load (`invalid_kb`, the message names the file "
     "and line); the version in service stays.",
     "500": "A server fault (`internal`); the details are in the server's log.",
@@ -75,6 +78,32 @@ def _schema(name: str) -> dict[str, Any]:
 
 def _json_content(name: str) -> dict[str, Any]:
     return {"application/json": {"schema": _schema(name)}}
+
+
+def _send_event() -> dict[str, Any]:
+    """One event of ``send``'s ``text/event-stream`` answer.
+
+    OpenAPI 3.1 has no ``itemSchema`` (3.2 does): for an event stream the ``schema`` describes
+    each event, as a JSON object of the event's fields (``event``, ``data``), which is how
+    tools that check the stream (schemathesis) read it.
+    """
+    return {
+        "type": "object",
+        "description": "`delta` events while a reply is generated (data: the Delta frame's "
+        "JSON), `msg` once per reply (data: the Msg frame's JSON), then `done` (data: the "
+        "SendResponse JSON).",
+        "properties": {
+            "event": {"enum": ["delta", "msg", "done"]},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": {
+                    "anyOf": [_schema("Delta"), _schema("Msg"), _schema("SendResponse")]
+                },
+            },
+        },
+        "required": ["event", "data"],
+    }
 
 
 def _session_path() -> dict[str, Any]:
@@ -169,7 +198,7 @@ OPERATIONS: Final[tuple[_Op, ...]] = (
             "201": ("A new conversation.", _json_content("CreateChatResponse")),
             "200": ("The user's open conversation.", _json_content("CreateChatResponse")),
         },
-        errors=(*_BODY_ERRORS, "401", *_ALWAYS, *_STORE),
+        errors=(*_BODY_ERRORS, "401", "429", *_ALWAYS, *_STORE),
     ),
     _Op(
         method="post",
@@ -185,11 +214,11 @@ OPERATIONS: Final[tuple[_Op, ...]] = (
                 "per reply, then a `done` event carrying the SendResponse JSON.",
                 {
                     **_json_content("SendResponse"),
-                    "text/event-stream": {"schema": {"type": "string"}},
+                    "text/event-stream": {"schema": _send_event()},
                 },
             )
         },
-        errors=(*_BODY_ERRORS, *_CHAT_AUTH, "404", "409", *_ALWAYS, *_STORE),
+        errors=(*_BODY_ERRORS, *_CHAT_AUTH, "404", "409", "429", *_ALWAYS, *_STORE),
     ),
     _Op(
         method="post",
@@ -208,7 +237,7 @@ OPERATIONS: Final[tuple[_Op, ...]] = (
         operation_id="listMessages",
         summary="A page of a conversation's messages, oldest first",
         tag="chat",
-        security=[*_VISITOR_OR_KEY, *_AGENT],
+        security=[*_VISITOR_OR_KEY, *_AGENT, *_ADMIN],
         parameters=("session", "history"),
         ok={
             "200": ("The page; `more` when later messages exist.", _json_content("HistoryResponse"))
@@ -315,6 +344,18 @@ OPERATIONS: Final[tuple[_Op, ...]] = (
     ),
     _Op(
         method="post",
+        path="/v1/admin/agents/{agent_id}/token",
+        operation_id="rotateAgentToken",
+        summary="Give an agent a new token; the old one stops working and its connections close",
+        tag="admin",
+        security=_ADMIN,
+        body="AgentTokenRequest",
+        parameters=("agent",),
+        ok={"200": ("The new token, shown in this answer only.", _json_content("AgentToken"))},
+        errors=(*_BODY_ERRORS, *_CHAT_AUTH, "404", "409", *_ALWAYS, *_STORE),
+    ),
+    _Op(
+        method="post",
         path="/v1/admin/sessions/{session_id}/close",
         operation_id="adminCloseSession",
         summary="Close a conversation as the administrator (idempotent)",
@@ -418,6 +459,13 @@ def _operation(op: _Op) -> dict[str, Any]:
                     "schema": {"type": "string"},
                 }
             }
+        elif status in ("429", "503"):
+            entry["headers"] = {
+                "Retry-After": {
+                    "description": "Seconds to wait before retrying.",
+                    "schema": {"type": "integer", "minimum": 1},
+                }
+            }
         responses[status] = entry
     out: dict[str, Any] = {
         "operationId": op.operation_id,
@@ -448,7 +496,8 @@ def _operation(op: _Op) -> dict[str, Any]:
 
 def openapi_document() -> dict[str, Any]:
     """The whole document as plain data (a new dict each call; :func:`openapi_json` caches)."""
-    _, schemas = msgspec.json.schema_components(REST_BODIES, ref_template=_REF)
+    # Delta: the data of the event stream's `delta` events (_send_event).
+    _, schemas = msgspec.json.schema_components((*REST_BODIES, Delta), ref_template=_REF)
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
         paths.setdefault(op.path, {})[op.method] = _operation(op)

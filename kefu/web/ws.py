@@ -22,6 +22,14 @@ Decisions
 - **Subprotocol** ``kefu.msgpack``, when the client offers it, is selected: frames are then
   binary MessagePack. Otherwise frames are text JSON, and a binary frame is answered with
   ``error {code: "bad_frame"}``.
+- **Upgrade deadline**: a TCP connection must complete its upgrade request within
+  :data:`HANDSHAKE_TIMEOUT_S` (or ``hello_timeout_s`` when shorter); picows then closes it.
+- **Limits beyond the connection** (when the server is given a
+  :class:`~kefu.web.ratelimit.Limits`): every message is also charged to the bucket of the
+  client's address and, once welcomed, of the visitor, all of them or none (refused like one
+  over the connection's bucket); a connection past the per-address cap is closed with 4029
+  right after the upgrade, one past the per-visitor or per-agent cap at its ``hello``
+  (:mod:`kefu.web.ratelimit` says why 4029 and why not an HTTP refusal).
 - **Hello**: the first message must be a valid ``hello`` (else close 1008), and the welcome
   must be sent within ``hello_timeout_s`` of the upgrade, authentication included (else 1008).
   Frames pipelined after the hello wait in the inbox and are handled after the welcome. The
@@ -49,6 +57,13 @@ Decisions
   at most once; resuming from the log completes them). On the client's close the server echoes
   its code (1000 for an empty close frame) and closes TCP (section 7.1.1: the server closes
   first).
+- **Echo mode** (``ws.echo_path``, off unless set): a conformance-test aid. On that path the
+  same :class:`Connection`, with the same RFC 6455 checks, limits and heartbeat, sends every
+  message back as it came (text as text, binary as binary) instead of speaking the chat
+  protocol: no hello, no handler, no token bucket (the Autobahn test suite sends thousands of
+  messages and an echo answers each with one). The echo is written straight to the transport;
+  when its buffer passes the high water the connection stops reading until it drains, so a
+  peer that writes faster than it reads holds at most that buffer plus one message.
 
 What picows 2.3.1 enforces, and what this module adds
 -----------------------------------------------------
@@ -106,7 +121,7 @@ from kefu.protocol import (
     encode_json,
     encode_msgpack,
 )
-from kefu.web.ratelimit import TokenBucket
+from kefu.web.ratelimit import Limits, TokenBucket
 
 __all__ = [
     "CLOSE_RATE_LIMITED",
@@ -136,6 +151,9 @@ BATCH_FLUSH_BYTES: Final = 64 << 10
 TRANSPORT_LOW_WATER: Final = 16 << 10
 #: How long a close we started waits for the client's close frame before the TCP abort.
 CLOSE_TIMEOUT_S: Final = 5.0
+#: Deadline from TCP accept to a complete upgrade request (picows closes the socket after it);
+#: never longer than ``hello_timeout_s``, so no connection outlives that deadline unnamed.
+HANDSHAKE_TIMEOUT_S: Final = 5.0
 #: File descriptors kept for the rest of the process (store, HTTP listener, logs).
 FD_RESERVE: Final = 256
 #: RFC 6455 section 5.5: a control frame's payload is at most 125 bytes, 2 of them the code.
@@ -266,6 +284,7 @@ class Connection(WSListener):
         "_bucket",
         "_close_timer",
         "_decoder",
+        "_forwarded_for",
         "_frag_op",
         "_frag_parts",
         "_frag_size",
@@ -273,20 +292,26 @@ class Connection(WSListener):
         "_hello_timer",
         "_inbox",
         "_inbox_bytes",
+        "_ip_bucket",
+        "_ip_counted",
         "_notify_close",
         "_opcode",
         "_out",
         "_pending_pong",
         "_ping_timer",
         "_pong_timer",
+        "_principal_counted",
         "_refusals",
         "_server",
         "_state",
         "_transport",
+        "_visitor_bucket",
         "_worker",
         "_writing_paused",
         "close_code",
+        "echo",
         "id",
+        "ip",
         "msgpack",
         "principal",
         "received_ns",
@@ -294,11 +319,20 @@ class Connection(WSListener):
         "role",
     )
 
-    def __init__(self, server: WsServer, conn_id: int, msgpack: bool) -> None:
+    def __init__(
+        self, server: WsServer, conn_id: int, msgpack: bool, *, echo: bool = False
+    ) -> None:
         self._server = server
         self.id = conn_id
         self.msgpack = msgpack
+        self.echo = echo  # module doc, "Echo mode"
         self.remote = ""
+        self.ip = ""  # the client's address (kefu.web.ratelimit, "Addresses")
+        self._forwarded_for: str | None = None  # X-Forwarded-For of the upgrade request
+        self._ip_bucket: TokenBucket | None = None
+        self._visitor_bucket: TokenBucket | None = None
+        self._ip_counted = False
+        self._principal_counted = False
         self.role: str | None = None
         self.principal: str | None = None
         self.close_code: int | None = None
@@ -472,12 +506,25 @@ class Connection(WSListener):
         peer = underlying.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.remote = f"{peer[0]}:{peer[1]}"
+        limits = server.limits
+        over_ip_cap = False
+        if limits is not None and not self.echo and isinstance(peer, tuple) and peer:
+            self.ip = limits.client_ip(str(peer[0]), self._forwarded_for)
+            self._ip_bucket = limits.ip_bucket(self.ip, loop.time())
+            self._ip_counted = limits.connect_ip(self.ip)
+            over_ip_cap = not self._ip_counted
         underlying.set_write_buffer_limits(high=TRANSPORT_HIGH_WATER, low=TRANSPORT_LOW_WATER)
-        rate = server.config.rate
-        self._bucket = TokenBucket(rate.per_second, rate.burst, loop.time())
-        self._hello_timer = loop.call_later(server.config.hello_timeout_s, self._hello_expired)
+        if self.echo:
+            self._state = _OPEN  # no hello and no commands: every message is echoed
+        else:
+            rate = server.config.rate
+            self._bucket = TokenBucket(rate.per_second, rate.burst, loop.time())
+            self._hello_timer = loop.call_later(server.config.hello_timeout_s, self._hello_expired)
         self._ping_timer = loop.call_later(server.config.ping_interval_s, self._send_ping)
         server._register(self)
+        if over_ip_cap:
+            # kefu.web.ratelimit: past the per-address cap, closed before any frame is read.
+            self.close(CLOSE_RATE_LIMITED, "too many connections from this address")
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self._state = _CLOSED
@@ -489,6 +536,7 @@ class Connection(WSListener):
         self._out.clear()
         self._batch = None
         self._batch_bytes = 0
+        self._release_limits()
         self._server._unregister(self, transport)
         if self.role is not None:
             if self._worker is None:
@@ -502,7 +550,11 @@ class Connection(WSListener):
     def resume_writing(self) -> None:
         self._writing_paused = False
         transport = self._transport
-        if transport is None or self._state >= _CLOSING:
+        if transport is None:
+            return
+        if self.echo:
+            transport.underlying_transport.resume_reading()
+        if self._state >= _CLOSING:
             return
         if self._pending_pong is not None:
             transport.send_pong(self._pending_pong)
@@ -614,11 +666,30 @@ class Connection(WSListener):
             self._transport.disconnect(graceful=True)
 
     def _on_message(self, binary: bool, data: bytes | str) -> None:
+        if self.echo:
+            self._echo(binary, data)
+            return
         server = self._server
         bucket = self._bucket
-        if bucket is not None and not bucket.take(server._loop.time()):
-            self._refuse("rate limit exceeded")
-            return
+        if bucket is not None:
+            # All of this message's buckets or none (kefu.web.ratelimit), inline: this runs
+            # for every message.
+            now = server._loop.time()
+            if not bucket.take(now):
+                self._refuse("rate limit exceeded")
+                return
+            visitor = self._visitor_bucket
+            if visitor is not None and not visitor.take(now):
+                bucket.give_back()
+                self._refuse_keyed("ws_visitor", "rate limit of this visitor exceeded")
+                return
+            ip = self._ip_bucket
+            if ip is not None and not ip.take(now):
+                bucket.give_back()
+                if visitor is not None:
+                    visitor.give_back()
+                self._refuse_keyed("ws_ip", "rate limit of this address exceeded")
+                return
         self._refusals = 0
         item: ClientFrame | ProtocolError
         if binary and not self.msgpack:
@@ -645,6 +716,36 @@ class Connection(WSListener):
         self._inbox_bytes += size
         if self._worker is None:
             self._worker = server._loop.create_task(self._drain())
+
+    def _echo(self, binary: bool, data: bytes | str) -> None:
+        """Echo mode: the message goes back as it came (module doc, "Echo mode")."""
+        transport = self._transport
+        if transport is None:
+            return
+        transport.send(_BINARY if binary else _TEXT, data.encode() if type(data) is str else data)
+        if self._writing_paused:
+            # The peer reads slower than it writes: read nothing more until the transport's
+            # buffer drains (resume_writing), so that the buffer does not grow without bound.
+            transport.underlying_transport.pause_reading()
+
+    def _refuse_keyed(self, limit: str, message: str) -> None:
+        """A command refused by a per-visitor or per-address bucket: counted, then as any."""
+        limits = self._server.limits
+        if limits is not None:
+            limits.refused[limit] += 1
+        self._refuse(message)
+
+    def _release_limits(self) -> None:
+        """Gives back this connection's places under the connection caps (once)."""
+        limits = self._server.limits
+        if limits is None:
+            return
+        if self._ip_counted:
+            self._ip_counted = False
+            limits.disconnect_ip(self.ip)
+        if self._principal_counted and self.role is not None and self.principal is not None:
+            self._principal_counted = False
+            limits.disconnect_principal(self.role, self.principal)
 
     def _refuse(self, message: str) -> None:
         """A command over the budget: ``rate_limited``, and 4029 if refusals go on."""
@@ -706,6 +807,15 @@ class Connection(WSListener):
         if self._hello_timer is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
+        limits = server.limits
+        if limits is not None:
+            if not limits.connect_principal(welcome.role, welcome.id):
+                # kefu.web.ratelimit: 4029, "back off", not 1008 (the token is good).
+                self.close(CLOSE_RATE_LIMITED, f"too many connections for this {welcome.role}")
+                return
+            self._principal_counted = True
+            if welcome.role == "visitor":
+                self._visitor_bucket = limits.visitor_bucket(welcome.id, server._loop.time())
         welcome.ping_interval_ms = round(server.config.ping_interval_s * 1000)
         welcome.max_msg_bytes = server.config.max_msg_bytes
         self.role = welcome.role
@@ -756,13 +866,17 @@ class WsServer:
         ssl: ssl_module.SSLContext | None = None,
         allowed_origins: Iterable[str] = (),
         close_timeout_s: float = CLOSE_TIMEOUT_S,
+        limits: Limits | None = None,
     ) -> None:
         self.config = config
         self.handler = handler
+        #: Per-address and per-visitor buckets and the connection caps (None: only ws.rate).
+        self.limits = limits
         self.close_timeout_s = close_timeout_s
         self._ssl = ssl
         self._origins = frozenset(o.lower().rstrip("/") for o in allowed_origins)
         self._path = config.path.encode()
+        self._echo_path = None if config.echo_path is None else config.echo_path.encode()
         self._decoders = {False: FrameDecoder(msgpack=False), True: FrameDecoder(msgpack=True)}
         self._conns: dict[int, Connection] = {}
         self._next_id = 0
@@ -847,6 +961,8 @@ class WsServer:
             max_frame_size=config.max_msg_bytes,
             enable_auto_ping=False,
             enable_auto_pong=False,
+            # A TCP connection that never sends its upgrade request is closed (module doc).
+            websocket_handshake_timeout=min(HANDSHAKE_TIMEOUT_S, config.hello_timeout_s),
             logger_name=_PicowsLog(logging.getLogger("kefu.ws.transport"), {}),
             backlog=1024,
             # The first read buffer of each connection; picows grows it for larger frames.
@@ -865,6 +981,11 @@ class WsServer:
             self.capacity,
             config.max_connections,
         )
+        if config.echo_path is not None:
+            log.warning(
+                "echo mode on %s (ws.echo_path): a conformance-test aid, not for production",
+                config.echo_path,
+            )
         if config.max_connections > self.capacity:
             log.warning(
                 "max_connections (%d) is above what the open files limit allows (%d)",
@@ -895,7 +1016,9 @@ class WsServer:
     def _accept(
         self, request: WSUpgradeRequest
     ) -> WSListener | WSUpgradeResponseWithListener | None:
-        if request.path.split(b"?", 1)[0] != self._path:
+        path = request.path.split(b"?", 1)[0]
+        echo = path == self._echo_path
+        if path != self._path and not echo:
             self.refused["path"] += 1
             return None  # picows answers 404
         origin = request.headers.get("Origin")
@@ -911,9 +1034,12 @@ class WsServer:
             for value in request.headers.getall("Sec-WebSocket-Protocol", [])
             for p in value.split(",")
         }
-        msgpack = SUBPROTOCOL_MSGPACK in offered
+        msgpack = SUBPROTOCOL_MSGPACK in offered and not echo
         self._next_id += 1
-        conn = Connection(self, self._next_id, msgpack)
+        conn = Connection(self, self._next_id, msgpack, echo=echo)
+        forwarded = request.headers.get("X-Forwarded-For")
+        if forwarded is not None and self.limits is not None:
+            conn._forwarded_for = forwarded[:4096]
         if not msgpack:
             return conn
         response = WSUpgradeResponse.create_101_response(

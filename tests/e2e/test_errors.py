@@ -54,6 +54,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
             "outbound_limit_bytes": OUTBOUND_LIMIT,
         },
         allowed_origins=[ALLOWED_ORIGIN],
+        # A visitor's REST sends share its per-visitor bucket, ws.rate by default: the slow
+        # consumer test pushes hundreds of them at once.
+        limits={"per_visitor": {"per_second": 100_000.0, "burst": 100_000}},
     )
     with running(tmp_path_factory.mktemp("errors"), cfg) as server:
         yield server

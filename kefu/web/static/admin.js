@@ -1,11 +1,12 @@
 // kefu admin page: agents, knowledge base, live figures. REST only (PROTOCOL.md, /v1/admin/*).
 // Every value from the server is rendered as text (textContent / text nodes), never as HTML.
 
-import { extend, t } from './i18n.js';
+import { extend, pickLang, t } from './i18n.js';
 
 const TOKEN_KEY = 'kefu.admin.token';
 const LANG_KEY = 'kefu.lang';
 const STATS_INTERVAL_MS = 2000;
+const AGENTS_EVERY_TICKS = 5; // the agents' status and load: every fifth figures refresh (10 s)
 
 const STRINGS = {
   zh: {
@@ -50,16 +51,8 @@ for (const [code, table] of Object.entries(STRINGS)) {
   extend(code, Object.fromEntries(Object.entries(table).map(([k, v]) => ['admin.' + k, v])));
 }
 
-/** The page language: ?lang=, then a saved choice, then the browser's. */
-function pickLang() {
-  const q = new URLSearchParams(location.search).get('lang');
-  if (q === 'zh' || q === 'en') return q;
-  const saved = localStorage.getItem(LANG_KEY);
-  if (saved === 'zh' || saved === 'en') return saved;
-  return (navigator.language || 'en').toLowerCase().startsWith('zh') ? 'zh' : 'en';
-}
-
-let lang = pickLang();
+// The page language: ?lang=, then the saved choice, then the browser's.
+let lang = pickLang(new URLSearchParams(location.search).get('lang') || localStorage.getItem(LANG_KEY));
 
 /** Translate `key`, filling `{name}` slots from `vars` (values are inserted as text later). */
 function tr(key, vars = {}) {
@@ -200,12 +193,33 @@ async function loadAgents() {
   }
 }
 
+/**
+ * Show `agents`, sorted by id. A row being edited (unsaved changes, the focus, an error on
+ * show) is kept as it is, with only its live cells (status, active chats) brought up to date,
+ * so a periodic refresh never takes what the admin is typing or reading.
+ */
 function renderAgents(agents) {
+  const body = $('agents-body');
+  const kept = new Map();
+  for (const tr of body.children) {
+    const busy = tr.dataset.dirty || tr.contains(document.activeElement) || tr.querySelector('.row-error')?.textContent;
+    if (busy) kept.set(tr.dataset.agent, tr);
+  }
   const rows = agents
     .slice()
     .sort((a, b) => a.id.localeCompare(b.id))
-    .map(agentRow);
-  $('agents-body').replaceChildren(...rows);
+    .map((a) => {
+      const old = kept.get(a.id);
+      if (!old) return agentRow(a);
+      old.querySelector('.cell-status').replaceChildren(statusPill(a.status));
+      old.querySelector('.cell-active').textContent = String(a.active_chats);
+      return old;
+    });
+  body.replaceChildren(...rows);
+}
+
+function statusPill(status) {
+  return h('span', { class: `pill ${status}` }, tr(status));
 }
 
 function agentRow(a) {
@@ -229,7 +243,7 @@ function agentRow(a) {
     { dataset: { agent: a.id }, class: configAgents.has(a.id) ? 'is-config' : '' },
     h('td', { class: 'cell-id' }, a.id),
     h('td', { class: 'cell-name' }, a.name),
-    h('td', {}, h('span', { class: `pill ${a.status}` }, tr(a.status))),
+    h('td', { class: 'cell-status' }, statusPill(a.status)),
     h('td', { class: 'cell-active' }, String(a.active_chats)),
     h('td', {}, weight),
     h('td', {}, maxChats),
@@ -248,6 +262,8 @@ function agentRow(a) {
         groups: parseGroups(groups.value),
         disabled: disabled.checked,
       });
+      delete row.dataset.dirty;
+      save.blur();
       await loadAgents();
     } catch (e) {
       if (e.status === 409) configAgents.add(a.id);
@@ -255,6 +271,8 @@ function agentRow(a) {
       save.disabled = false;
     }
   };
+  row.addEventListener('input', () => { row.dataset.dirty = '1'; });
+  row.addEventListener('change', () => { row.dataset.dirty = '1'; });
   save.addEventListener('click', submit);
   for (const input of [weight, maxChats, groups]) {
     input.addEventListener('keydown', (ev) => {
@@ -403,18 +421,31 @@ function renderStats(s, now) {
   setText('live-updated', tr('updated', { time: new Date(now).toLocaleTimeString() }));
 }
 
+let statsBusy = false; // one request at a time: a visibility change during one does not fork the loop
+let statsTicks = 0;
+
 async function pollStats() {
   clearTimeout(statsTimer);
-  if (!token) return;
+  statsTimer = null;
+  if (!token || statsBusy) return;
+  statsBusy = true;
   try {
     const s = await api('GET', '/v1/admin/stats');
     renderStats(s, performance.now() + performance.timeOrigin);
     showError('live-error', null);
   } catch (e) {
     showError('live-error', e);
-    if (e.status === 403) { logout(); return; }
+    if (e.status === 403) {
+      statsBusy = false;
+      logout();
+      return;
+    }
+  } finally {
+    statsBusy = false;
   }
-  if (token) statsTimer = setTimeout(pollStats, STATS_INTERVAL_MS);
+  statsTicks += 1;
+  if (statsTicks % AGENTS_EVERY_TICKS === 0) loadAgents(); // rows being edited stay (renderAgents)
+  if (token && !statsTimer) statsTimer = setTimeout(pollStats, STATS_INTERVAL_MS);
 }
 
 // -- wiring ------------------------------------------------------------------------------------

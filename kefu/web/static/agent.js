@@ -5,7 +5,7 @@
 // Every value from the server is rendered as text (h() builds text nodes), never as HTML.
 
 import { KefuClient, h } from './kefu-client.js';
-import { extend, t } from './i18n.js';
+import { extend, pickLang, t } from './i18n.js';
 
 const TOKEN_KEY = 'kefu.agent.token';
 const LANG_KEY = 'kefu.lang';
@@ -75,15 +75,8 @@ for (const [code, table] of Object.entries(STRINGS)) {
 
 // -- language ----------------------------------------------------------------------------------
 
-function pickLang() {
-  const q = new URLSearchParams(location.search).get('lang');
-  if (q === 'zh' || q === 'en') return q;
-  const saved = localStorage.getItem(LANG_KEY);
-  if (saved === 'zh' || saved === 'en') return saved;
-  return (navigator.language || 'en').toLowerCase().startsWith('zh') ? 'zh' : 'en';
-}
-
-let lang = pickLang();
+// The page language: ?lang=, then the saved choice, then the browser's.
+let lang = pickLang(new URLSearchParams(location.search).get('lang') || localStorage.getItem(LANG_KEY));
 
 function tr(key, vars = {}) {
   return t('agent.' + key, lang, vars);
@@ -195,7 +188,6 @@ const welcomeConvs = new Map(); // conv → {epoch, top_seq, status} of the last
 let listTimer = null;
 let statsTimer = null;
 let typingSentAt = 0;
-let typingTimer = null;
 let lastSoundAt = 0;
 let lastAccept = null;  // the conversation of the last `accept` (its error names no conversation)
 let listSeq = 0;         // orders REST list answers: an older answer never overwrites a newer
@@ -228,6 +220,13 @@ function conv(id) {
     convs.set(id, c);
   }
   return c;
+}
+
+/** Forget a conversation that is no longer shown (closed and pruned, moved, gone). */
+function dropConv(id) {
+  convs.delete(id);
+  drafts.delete(id);
+  client?.forget(id);
 }
 
 function unread(c) {
@@ -277,6 +276,7 @@ function logout(message = '') {
   openId = null;
   sessionStorage.removeItem(TOKEN_KEY);
   convs.clear();
+  drafts.clear();
   queue = [];
   presence.clear();
   $('conv-list').replaceChildren();
@@ -285,6 +285,7 @@ function logout(message = '') {
   $('conv-open').hidden = true;
   $('conv-none').hidden = false;
   $('wb').hidden = true;
+  $('wb').classList.remove('has-conv');
   $('login-view').hidden = false;
   $('login-error').textContent = message;
   $('agent-token').value = '';
@@ -323,7 +324,12 @@ function onWelcome(w) {
     c.epoch = s.epoch;
     c.seenAt = Date.now();
     c.top_seq = Math.max(c.top_seq, s.top_seq);
-    if (client.lastSeq(s.conv) === null) client.track(s.conv, s.epoch, s.top_seq);
+    if (client.lastSeq(s.conv) === null) {
+      client.track(s.conv, s.epoch, s.top_seq);
+      // A message stored after this welcome was made but before the connection was registered
+      // reached no socket: one `sync` from top_seq brings it (the client emits what is new).
+      client.sync(s.conv, s.top_seq, 50).catch(() => {});
+    }
   }
   // Resume points of conversations that are no longer mine would be refused at every hello.
   for (const id of [...client.convs.keys()]) {
@@ -381,11 +387,14 @@ function addMessage(c, m) {
   if (c.msgs.has(m.seq)) return false;
   c.msgs.set(m.seq, m);
   if (c.msgs.size > MAX_MSGS_PER_CONV) {
+    // Full: the oldest goes (paging back stops at the bound, see renderMessages).
     const drop = Math.min(...c.msgs.keys());
     c.msgs.delete(drop);
     c.oldest = drop + 1;
+    if (drop === m.seq) return false;
+  } else if (c.oldest === null || m.seq < c.oldest) {
+    c.oldest = m.seq;
   }
-  if (c.oldest === null || m.seq < c.oldest) c.oldest = m.seq;
   if (!c.last || m.seq > c.last.seq) c.last = m;
   c.top_seq = Math.max(c.top_seq, m.seq);
   if (c.epoch === null && Number.isInteger(m.epoch)) c.epoch = m.epoch;
@@ -433,18 +442,12 @@ function pruneClosed() {
   const closed = [...convs.values()].filter((c) => c.closed && c.id !== openId);
   closed.sort((a, b) => (a.last?.ts ?? 0) - (b.last?.ts ?? 0));
   while (closed.length > MAX_CLOSED_SHOWN) {
-    const c = closed.shift();
-    convs.delete(c.id);
-    client?.forget(c.id);
+    dropConv(closed.shift().id);
   }
 }
 
 function onTransferred(f) {
-  const c = convs.get(f.conv);
-  if (c) {
-    convs.delete(f.conv);
-    client.forget(f.conv);
-  }
+  if (convs.has(f.conv)) dropConv(f.conv);
   toast(tr('transferred', { to: f.to }));
   if (openId === f.conv) showNone();
   renderConvList();
@@ -537,9 +540,6 @@ async function refreshLists() {
     c.read_seq = Math.max(c.read_seq, r.read_seq ?? 0);
     c.created_ts = r.created_ts ?? c.created_ts;
     if (r.last_message && (!c.last || r.last_message.seq > c.last.seq)) c.lastPreview = r.last_message;
-    if (client && client.lastSeq(r.session_id) === null && Number.isInteger(r.epoch)) {
-      client.track(r.session_id, r.epoch, r.top_seq);
-    }
   }
   // Conversations the server no longer lists as mine (closed or moved while this page missed
   // the frame): dropped, unless the news of them is newer than the question.
@@ -550,8 +550,7 @@ async function refreshLists() {
         c.status = 'closed';
         renderConvState(c);
       } else {
-        convs.delete(c.id);
-        client?.forget(c.id);
+        dropConv(c.id);
       }
     }
   }
@@ -752,7 +751,7 @@ async function loadTail(c) {
 }
 
 async function loadOlder(c) {
-  if (c.loadingOlder || !c.oldest || c.oldest <= 1) return;
+  if (c.loadingOlder || !c.oldest || c.oldest <= 1 || c.msgs.size >= MAX_MSGS_PER_CONV) return;
   c.loadingOlder = true;
   const scroller = $('msg-scroll');
   const fromBottom = scroller.scrollHeight - scroller.scrollTop;
@@ -842,7 +841,7 @@ function renderMessages(c, { stick = false, force = false } = {}) {
   }
   for (const p of pend) if (pendIds.has(p.client_msg_id)) list.append(pendingElement(p));
   renderReadMarks(c);
-  $('older-btn').hidden = !(c.oldest && c.oldest > 1);
+  $('older-btn').hidden = !(c.oldest && c.oldest > 1) || c.msgs.size >= MAX_MSGS_PER_CONV;
   if (force || (stick && atBottom)) scroller.scrollTop = scroller.scrollHeight;
 }
 
