@@ -45,6 +45,45 @@ open connections with 1008 ("token expired"). ``POST /v1/admin/agents/{id}/token
 call answers and the agent's open connections, all opened with it, are closed with 1008
 ("token revoked"). The tokens of agents declared in the config file change in the file.
 
+That long-lived token need not sit in a browser: ``POST /v1/agent/login`` with it
+(:meth:`Node.agent_login`) gives a *session token*, a :class:`~kefu.security.TokenSigner`
+token of kind ``agent`` (``sub`` the agent id, a random ``jti``, ``exp`` 12 h from now by
+default, ``ttl_s`` from 60 s to 7 days, never past the long-lived token's own expiry), signed
+with the node's token secret (store meta ``token_secret``), so it survives restarts. Every
+place that takes an agent's token (the agent REST calls, history, ``hello``) takes either
+(:meth:`Node.agent_of_token`); a session token cannot open another session (no endless
+renewal of a stolen one). A session token is refused (REST 403, ``hello`` 1008) when:
+
+- its signature, kind or expiry fail (:meth:`TokenSigner.verify`);
+- its agent is gone, disabled, or its long-lived token expired;
+- its ``extra["cred"]`` is not the :func:`~kefu.security.credential_tag` of the agent's
+  *current* token hash: changing the token (rotation, or the config file's ``token`` and a
+  restart) ends every session obtained with the old one;
+- it was issued (``iat``) before the agent's ``not_before`` (Unix seconds), which rotation,
+  disabling, deletion and creation move past every ``iat`` given so far (so re-enabling an
+  agent, or re-creating a deleted id, brings no old session back); a login in that same
+  second is issued *at* ``not_before``;
+- its ``jti`` was revoked by ``POST /v1/agent/logout`` (:meth:`Node.agent_logout`; logout
+  is idempotent: an unexpired session token of the node that is already ended gets the same
+  204, so a retry after a lost answer is no error).
+
+``not_before`` and the revoked ``(jti, exp)`` pairs of each agent are kept in the store
+(``StoredAgentSessions``, written before logout answers) and reloaded at start: a logout must
+outlast a restart, since a token taken from a shared computer after its owner logged out would
+otherwise work again. At most :data:`AGENT_REVOKED_MAX` revocations are kept per agent (each
+until its token would expire anyway); past that, a logout moves ``not_before`` instead, ending
+every session of that agent: more is ended, never less. Login writes nothing. Deleting an agent
+keeps its record (one small record per agent id ever used): ``not_before`` only moves forward,
+so an agent created again under that id, even with the same token, gets no old session back.
+``not_before`` moves at least one second per end, so that a login issued at ``not_before`` is
+ended by the next end too; such a login keeps the ``exp`` it would have had.
+
+The node remembers which live connection came with which session token
+(``conn.id`` -> agent, ``jti``, end): a logout closes those of that ``jti`` with 1008 ("token
+revoked"), and the housekeeping tick closes those whose token expired (from ``exp +
+CLOCK_SKEW_S``, when it stops verifying) with 1008 ("token expired"). Rotation, disabling and
+deletion close every connection of the agent, as before.
+
 Messages
 --------
 ``send`` (WS) and :meth:`Node.send_message` (REST): ``may_write`` (else ``forbidden``), dedup
@@ -86,8 +125,9 @@ Timers
 ------
 One housekeeping timer runs every :attr:`Node.tick_s` (a second, or a tenth of the idle TTL or
 a quarter of the agent grace when those are shorter): it closes the conversations idle for the
-TTL (``closed {by: "expired", reason: "expired"}``, at most :data:`EXPIRE_BATCH` a tick) and
-requeues the conversations of agents whose grace ran out.
+TTL (``closed {by: "expired", reason: "expired"}``, at most :data:`EXPIRE_BATCH` a tick),
+requeues the conversations of agents whose grace ran out, and closes the connections whose
+agent token or session token expired ("Agent tokens").
 
 Accounting
 ----------
@@ -110,6 +150,9 @@ what                 limit                          when full
 rings, connections   see :mod:`kefu.hub`
 expiries per tick    :data:`EXPIRE_BATCH`            the rest wait for the next tick
 pending presence     one entry per agent             (by construction)
+session revocations  :data:`AGENT_REVOKED_MAX` per    the logout ends all the agent's sessions
+                     agent                           (``not_before``)
+session connections  one entry per agent connection  (by construction)
 CPU accounting       :data:`MAX_ACCOUNTED` entries   least recently charged dropped
 bot turns            ``bot.max_concurrency`` at once  the message is handed to humans (busy)
 bot turns waiting    :data:`BOT_PENDING_MAX` per      the message is stored, not answered
@@ -121,6 +164,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import ssl as ssl_module
 import time
@@ -128,7 +172,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sized
 from pathlib import Path
-from typing import Final, Literal, cast
+from typing import Final, Literal, NamedTuple, cast
 
 import msgspec
 
@@ -143,6 +187,7 @@ from kefu.errors import KefuError
 from kefu.hub import Encoded, Hub, Principal, frame_tag
 from kefu.metrics import LATENCY_BUCKETS, CollectedFamily, Registry
 from kefu.protocol import (
+    AGENT_SESSION_TTL_S,
     MAX_TEXT_CHARS,
     PROTOCOL_VERSION,
     Accept,
@@ -156,6 +201,7 @@ from kefu.protocol import (
     AgentMe,
     AgentPresence,
     AgentRef,
+    AgentSession,
     AgentToken,
     AgentTokenRequest,
     AgentUpdate,
@@ -214,8 +260,13 @@ from kefu.routing import (
     WaitingQueue,
 )
 from kefu.security import (
+    CLOCK_SKEW_S,
+    Revocations,
+    TokenClaims,
     TokenError,
     TokenSigner,
+    credential_tag,
+    credential_tag_key,
     hash_token,
     new_secret,
     verify_user_hash,
@@ -223,6 +274,7 @@ from kefu.security import (
 from kefu.store import (
     Store,
     StoredAgent,
+    StoredAgentSessions,
     StoredMessage,
     StoreError,
     format_conv_id,
@@ -257,6 +309,10 @@ ADMIN_HASH_META: Final = "admin_token_hash"
 BOOTSTRAPPED_META: Final = "bootstrapped"
 CREDENTIALS_FILE: Final = "credentials.txt"
 DEMO_AGENT_ID: Final = "demo"
+#: Revoked session tokens kept per agent; past it a logout ends all the agent's sessions.
+AGENT_REVOKED_MAX: Final = 64
+#: The claim of a session token naming the agent token it was obtained with.
+CREDENTIAL_CLAIM: Final = "cred"
 #: Test-only: set to ``1`` to switch client_msg_id dedup off (see :func:`unsafe_no_dedup`).
 UNSAFE_NO_DEDUP_ENV: Final = "KEFU_UNSAFE_NO_DEDUP"
 
@@ -328,6 +384,25 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+class _AgentSessions:
+    """What ends one agent's session tokens early (module doc, "Agent tokens")."""
+
+    __slots__ = ("not_before", "revoked")
+
+    def __init__(self) -> None:
+        self.not_before = 0  # Unix seconds: tokens issued before are refused
+        self.revoked = Revocations(AGENT_REVOKED_MAX)
+
+
+class _SessionConn(NamedTuple):
+    """A live connection opened with a session token: closed when that token ends."""
+
+    conn: Connection
+    agent_id: str
+    jti: str
+    end_ms: int  # when the token stops verifying (exp + CLOCK_SKEW_S)
+
+
 def _msg_frame(m: StoredMessage) -> Msg:
     return Msg(
         conv=format_conv_id(m.conv),
@@ -378,6 +453,12 @@ class Node:
         # "Agent tokens" in the module doc.
         self._agent_exp: dict[str, int] = {}
         self._next_agent_exp = 0  # the earliest of _agent_exp (0: none)
+        # Agent session tokens (module doc, "Agent tokens"): per agent what ends them early,
+        # the live connections opened with one (by conn.id) and the earliest of their ends.
+        self._sessions: dict[str, _AgentSessions] = {}
+        self._session_conns: dict[int, _SessionConn] = {}
+        self._next_session_end = 0  # ms; 0: none
+        self._tag_key = b""  # credential_tag_key of the token secret, set at start
         self._admin_hash: str | None = None
         self.hub = Hub()
         self._presence_dirty: set[str] = set()
@@ -475,6 +556,9 @@ class Node:
                 secret = new_secret().encode()
                 await store.put_meta(SECRET_META, secret)
             self._signer = TokenSigner(secret)
+            self._tag_key = credential_tag_key(secret)
+            for known in self.pool:
+                self._load_sessions(known.id)
             await self._start_bot()
             self.ws = WsServer(
                 cfg.ws,
@@ -745,6 +829,8 @@ class Node:
             self._run_effects(effects)
         if self._next_agent_exp and now_ms >= self._next_agent_exp:
             self._close_expired_agents(now_ms)
+        if self._next_session_end and now_ms >= self._next_session_end:
+            self._close_expired_sessions(now_ms)
 
     def _close_expired_agents(self, now_ms: int) -> None:
         """Closes (1008) the connections of agents whose token expired: a connection lives
@@ -755,6 +841,14 @@ class Node:
                     c.close(1008, "token expired")
         pending = [exp for exp in self._agent_exp.values() if exp > now_ms]
         self._next_agent_exp = min(pending) if pending else 0
+
+    def _close_expired_sessions(self, now_ms: int) -> None:
+        """Closes (1008) the connections whose session token stopped verifying."""
+        ended = [cid for cid, sc in self._session_conns.items() if sc.end_ms <= now_ms]
+        for cid in ended:
+            self._session_conns.pop(cid).conn.close(1008, "token expired")
+        ends = [sc.end_ms for sc in self._session_conns.values()]
+        self._next_session_end = min(ends) if ends else 0
 
     def _end(
         self, state: ConversationState, by: str, reason: str, now_ms: int
@@ -815,14 +909,158 @@ class Node:
         return key is not None and hash_token(token) == hash_token(key)
 
     def agent_of_token(self, token: str) -> str | None:
-        """The id of the enabled agent whose token this is."""
+        """The id of the enabled agent whose token this is: its long-lived token or one of
+        its session tokens (module doc, "Agent tokens")."""
+        agent_id = self.agent_of_own_token(token)
+        if agent_id is not None:
+            return agent_id
+        claims = self.agent_session(token)
+        return None if claims is None else claims.sub
+
+    def agent_of_own_token(self, token: str) -> str | None:
+        """The id of the enabled agent whose long-lived token this is."""
         agent_id = self._agent_by_hash.get(hash_token(token))
-        if agent_id is None or agent_id not in self.pool or self.pool.get(agent_id).disabled:
-            return None
+        return agent_id if agent_id is not None and self._agent_usable(agent_id) else None
+
+    def _agent_usable(self, agent_id: str) -> bool:
+        """Whether ``agent_id`` exists, is enabled and its long-lived token has not expired
+        (else rotate it: POST /v1/admin/agents/{id}/token)."""
+        if agent_id not in self.pool or self.pool.get(agent_id).disabled:
+            return False
         exp = self._agent_exp.get(agent_id)
-        if exp is not None and _now_ms() >= exp:
-            return None  # expired: rotate it (POST /v1/admin/agents/{id}/token)
-        return agent_id
+        return exp is None or _now_ms() < exp
+
+    def agent_session(self, token: str, now: float | None = None) -> TokenClaims | None:
+        """The claims of ``token`` if it is a session token valid now, else None (the
+        checks are listed in the module doc, "Agent tokens")."""
+        if not token.startswith("v1."):
+            return None  # not a signed token: no cryptographic work
+        try:
+            claims = self.signer.verify(token, "agent", now)
+        except TokenError:
+            return None
+        agent_id = claims.sub
+        token_hash = self._agent_hash.get(agent_id)
+        if token_hash is None or not self._agent_usable(agent_id):
+            return None
+        if claims.extra.get(CREDENTIAL_CLAIM) != credential_tag(self._tag_key, token_hash):
+            return None  # obtained with another token of this agent (or of a former one)
+        ended = self._sessions.get(agent_id)
+        if ended is not None and (
+            claims.iat < ended.not_before or ended.revoked.is_revoked(claims.jti, now)
+        ):
+            return None
+        return claims
+
+    def agent_login(
+        self, token: str, ttl_s: int | None = None, now: float | None = None
+    ) -> AgentSession:
+        """``POST /v1/agent/login``: a session token for the agent whose long-lived ``token``
+        this is (``Forbidden`` for any other token, a session token included). ``now`` is
+        for tests: the token is issued as of that time."""
+        agent_id = self.agent_of_own_token(token)
+        if agent_id is None:
+            raise Forbidden("a session is opened with the agent's own token only")
+        ttl = AGENT_SESSION_TTL_S if ttl_s is None else ttl_s
+        ended = self._sessions.get(agent_id)
+        now_s = math.floor(time.time() if now is None else now)
+        issued = now_s
+        if ended is not None and ended.not_before > now_s:
+            # A login in the second that ended the others is issued at not_before, in the
+            # future; its exp stays where it would be.
+            issued = ended.not_before
+            ttl = max(1, ttl - (issued - now_s))
+        own_exp_ms = self._agent_exp.get(agent_id)
+        if own_exp_ms is not None:  # never past the long-lived token
+            ttl = max(1, min(ttl, own_exp_ms // 1000 - issued))
+        tag = credential_tag(self._tag_key, self._agent_hash[agent_id])
+        session = self.signer.issue("agent", agent_id, ttl, issued, extra={CREDENTIAL_CLAIM: tag})
+        return AgentSession(agent_id=agent_id, token=session, expires_ts=(issued + ttl) * 1000)
+
+    async def agent_logout(self, token: str) -> None:
+        """``POST /v1/agent/logout``: ends the session ``token`` at once (its connections are
+        closed with 1008) and answers once that is durable. Idempotent, as a retry after a
+        lost answer needs: a genuine unexpired session token that was already ended
+        (logged out, rotated, ...) is answered the same. ``Forbidden`` for anything else, the
+        agent's own token included (that one is ended by rotating it)."""
+        claims = self.agent_session(token)
+        if claims is None:
+            if self._genuine_session(token):
+                return  # ended already
+            raise Forbidden("this token is not an agent session token")
+        agent_id = claims.sub
+        if self._sessions_of(agent_id).revoked.revoke(claims.jti, claims.exp):
+            self._close_sessions(agent_id, claims.jti)
+        else:
+            # No room for one more revocation: end them all rather than forget one.
+            log.warning("agent %s: %d sessions revoked, ending all", agent_id, AGENT_REVOKED_MAX)
+            self._end_sessions(agent_id)
+            self._close_sessions(agent_id, None)
+        await self.store.put_agent_sessions(self._stored_sessions(agent_id))
+
+    def _genuine_session(self, token: str) -> bool:
+        """Whether ``token`` is an unexpired session token this node issued (valid or not)."""
+        if not token.startswith("v1."):
+            return False
+        try:
+            claims = self.signer.verify(token, "agent")
+        except TokenError:
+            return False
+        return CREDENTIAL_CLAIM in claims.extra
+
+    def _sessions_of(self, agent_id: str) -> _AgentSessions:
+        """The agent's session state, from the store when memory has none (an agent
+        created again under the id of a deleted one)."""
+        ended = self._sessions.get(agent_id)
+        if ended is None:
+            self._load_sessions(agent_id)
+            ended = self._sessions.get(agent_id)
+        if ended is None:
+            ended = self._sessions[agent_id] = _AgentSessions()
+        return ended
+
+    def _end_sessions(self, agent_id: str) -> None:
+        """Every session token of ``agent_id`` issued so far is refused from now on (their
+        connections are the caller's to close). The revocations are then moot: dropped."""
+        ended = self._sessions_of(agent_id)
+        # Past every iat given so far, those of logins issued at not_before included.
+        ended.not_before = max(ended.not_before + 1, math.floor(time.time()) + 1)
+        ended.revoked = Revocations(AGENT_REVOKED_MAX)
+
+    def _close_sessions(self, agent_id: str, jti: str | None) -> None:
+        """Closes (1008) the agent's connections opened with session ``jti`` (None: with any
+        session token)."""
+        for c in self.hub.connections(("agent", agent_id)):
+            sc = self._session_conns.get(c.id)
+            if sc is not None and (jti is None or sc.jti == jti):
+                del self._session_conns[c.id]
+                c.close(1008, "token revoked")
+
+    def _stored_sessions(self, agent_id: str) -> StoredAgentSessions:
+        ended = self._sessions_of(agent_id)
+        return StoredAgentSessions(
+            agent_id=agent_id, not_before=ended.not_before, revoked=ended.revoked.entries()
+        )
+
+    def _load_sessions(self, agent_id: str) -> None:
+        record = self.store.get_agent_sessions(agent_id)
+        if record is None:
+            return
+        ended = self._sessions[agent_id] = _AgentSessions()
+        ended.not_before = record.not_before
+        for jti, exp in record.revoked:
+            ended.revoked.revoke(jti, exp)  # those expired meanwhile are dropped
+
+    def _track_session(self, conn: Connection, token: str) -> None:
+        """Remembers that ``conn`` came with session ``token`` (nothing for the agent's own
+        token: such a connection lives as long as that token, see ``_close_expired_agents``)."""
+        claims = self.agent_session(token)
+        if claims is None:
+            return
+        end_ms = (claims.exp + CLOCK_SKEW_S) * 1000
+        self._session_conns[conn.id] = _SessionConn(conn, claims.sub, claims.jti, end_ms)
+        if not self._next_session_end or end_ms < self._next_session_end:
+            self._next_session_end = end_ms
 
     def visitor_of_token(self, token: str) -> tuple[str, str] | None:
         """``(visitor_id, session_id)`` of a valid visitor token, else None."""
@@ -1347,10 +1585,15 @@ class Node:
             raise Conflict(str(exc)) from None
         self._set_agent_hash(req.id, token_hash)
         self._set_agent_expiry(req.id, _token_expiry(req.token_ttl_days))
+        self._end_sessions(req.id)  # no session of a former agent of this id comes back
         try:
-            await self.store.put_agent(self._stored_agent(req.id))
+            await asyncio.gather(
+                self.store.put_agent(self._stored_agent(req.id)),
+                self.store.put_agent_sessions(self._stored_sessions(req.id)),
+            )
         except BaseException:
             self._drop_agent_hash(req.id)
+            self._sessions.pop(req.id, None)
             self.pool.remove(req.id)
             raise
         view = self._agent_view(req.id)
@@ -1376,7 +1619,10 @@ class Node:
         futures = self._run_effects(effects)
         self._presence_changed(agent_id)
         if req.disabled:
+            self._end_sessions(agent_id)  # re-enabling brings none back
+            futures.append(self.store.put_agent_sessions(self._stored_sessions(agent_id)))
             for c in self.hub.connections(("agent", agent_id)):
+                self._session_conns.pop(c.id, None)
                 c.close(1008, "agent disabled")
         await asyncio.gather(fut, *futures)
         return self._agent_view(agent_id)
@@ -1397,12 +1643,18 @@ class Node:
         record = msgspec.structs.replace(
             self._stored_agent(agent_id), token_hash=token_hash, token_expires_ms=expires
         )
-        await self.store.put_agent(record)
+        # The sessions end at once, whatever the write below does: ending them is safe.
+        self._end_sessions(agent_id)
+        await asyncio.gather(
+            self.store.put_agent(record),
+            self.store.put_agent_sessions(self._stored_sessions(agent_id)),
+        )
         if agent_id not in self.pool:
             raise NotFound("the agent was deleted meanwhile")
         self._set_agent_hash(agent_id, token_hash)
         self._set_agent_expiry(agent_id, expires)
         for c in self.hub.connections(("agent", agent_id)):
+            self._session_conns.pop(c.id, None)
             c.close(1008, "token revoked")
         return AgentToken(id=agent_id, token=token, token_expires_ts=expires)
 
@@ -1410,9 +1662,14 @@ class Node:
         self._check_mutable(agent_id)
         effects = self.routing.remove_agent(agent_id)
         self._drop_agent_hash(agent_id)
+        # The sessions record stays (module doc): a new agent of this id gets none back.
+        self._end_sessions(agent_id)
+        ended = self.store.put_agent_sessions(self._stored_sessions(agent_id))
+        self._sessions.pop(agent_id, None)
         fut = self.store.delete_agent(agent_id)
-        futures = self._run_effects(effects)
+        futures = [ended, *self._run_effects(effects)]
         for c in self.hub.connections(("agent", agent_id)):
+            self._session_conns.pop(c.id, None)
             c.close(1008, "agent removed")
         self._presence_dirty.discard(agent_id)
         await asyncio.gather(fut, *futures)
@@ -1478,6 +1735,7 @@ class Node:
                     ref = AgentRef(id=agent.id, name=agent.name)
                     conn.send(Assigned(conv=conv_hex, agent=ref, epoch=current.epoch))
         if role == "agent":
+            self._track_session(conn, hello.token)
             for a in self.pool:
                 conn.send(Presence(agent=self._presence_of(a.id)))
             if first:
@@ -1495,6 +1753,7 @@ class Node:
             conn.send(Error(code=exc.code, message=str(exc), ref=ref))
 
     def on_close(self, conn: Connection) -> None:
+        self._session_conns.pop(conn.id, None)
         gone = self.hub.unregister(conn)
         if gone is None:
             return

@@ -76,10 +76,12 @@ from kefu.errors import KefuError
 
 __all__ = [
     "AGENT_ID_PATTERN",
+    "AGENT_SESSION_TTL_S",
     "CLIENT_FRAME_TYPES",
     "CONV_ID_PATTERN",
     "DEFAULT_SYNC_LIMIT",
     "LINE_PATTERN",
+    "MAX_AGENT_SESSION_TTL_S",
     "MAX_AGENT_TOKEN_TTL_DAYS",
     "MAX_AGENT_WEIGHT",
     "MAX_CHATS_LIMIT",
@@ -94,6 +96,7 @@ __all__ = [
     "MAX_SYNC_LIMIT",
     "MAX_TEXT_CHARS",
     "MAX_TOKEN_CHARS",
+    "MIN_AGENT_SESSION_TTL_S",
     "PATTERN_END",
     "PROTOCOL_VERSION",
     "REST_BODIES",
@@ -105,8 +108,10 @@ __all__ = [
     "AgentCreated",
     "AgentId",
     "AgentList",
+    "AgentLoginRequest",
     "AgentPresence",
     "AgentRef",
+    "AgentSession",
     "AgentStatus",
     "AgentToken",
     "AgentTokenRequest",
@@ -713,6 +718,37 @@ class AgentToken(_Body, kw_only=True):
     token_expires_ts: int | None = None
 
 
+#: Lifetime of an agent session token (``POST /v1/agent/login``): default, least and most.
+AGENT_SESSION_TTL_S: Final = 12 * 3_600
+MIN_AGENT_SESSION_TTL_S: Final = 60
+MAX_AGENT_SESSION_TTL_S: Final = 7 * 86_400
+SessionTtl: TypeAlias = Annotated[
+    int,
+    Meta(
+        ge=MIN_AGENT_SESSION_TTL_S,
+        le=MAX_AGENT_SESSION_TTL_S,
+        description="seconds the session token works from now (60 s to 7 days; default 12 h)",
+    ),
+]
+
+
+class AgentLoginRequest(_Body, kw_only=True):
+    """``POST /v1/agent/login`` (optional body): how long the session token should work. It
+    never outlives the agent's token (``token_ttl_days``)."""
+
+    ttl_s: SessionTtl | None = None
+
+
+class AgentSession(_Body, kw_only=True):
+    """A signed agent session token: what the workbench keeps instead of the agent's token.
+    ``expires_ts`` (ms since the epoch) when it stops working; ``POST /v1/agent/logout``
+    ends it before then."""
+
+    agent_id: str
+    token: str
+    expires_ts: int
+
+
 class AgentUpdate(_Body, kw_only=True):
     """``PATCH /v1/admin/agents/{id}``: the fields given change, the others stay."""
 
@@ -865,6 +901,8 @@ REST_BODIES: Final[tuple[type[Struct], ...]] = (
     AgentList,
     AgentTokenRequest,
     AgentToken,
+    AgentLoginRequest,
+    AgentSession,
     KbSearchResponse,
     KbReloadResponse,
     SessionStats,

@@ -37,7 +37,10 @@ Other helpers
 :func:`user_hash` / :func:`verify_user_hash` implement the protocol's
 ``user_hash = hex(HMAC-SHA256(identity_secret, user_id))``; :func:`secret_equals` compares the
 admin token and the API key; :func:`hash_token` is how agent tokens are stored at rest;
-:func:`new_secret` makes a fresh secret.
+:func:`new_secret` makes a fresh secret. :func:`credential_tag` binds an agent session token to
+the long-lived agent token it was obtained with (``kefu.node``, "Agent tokens"): a keyed
+fingerprint, so that the token (readable by whoever holds it) says nothing a guess of a weak
+configured agent token could be checked against offline.
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ __all__ = [
     "TokenErrorReason",
     "TokenKind",
     "TokenSigner",
+    "credential_tag",
+    "credential_tag_key",
     "hash_token",
     "new_secret",
     "secret_equals",
@@ -87,6 +92,8 @@ MIN_SECRET_BYTES: Final = 16
 
 _VERSION: Final = "v1"
 _KEY_LABEL: Final = b"kefu token signing v1"
+_TAG_LABEL: Final = b"kefu agent credential tag v1"
+_TAG_BYTES: Final = 16  # 128 bits: collisions between two tokens of one agent are out of reach
 _SIG_CHARS: Final = 43  # base64url of 32 bytes, without padding
 _B64URL: Final = re.compile(r"[A-Za-z0-9_-]+")
 _KINDS: Final = frozenset(get_args(TokenKind))
@@ -180,6 +187,12 @@ class Revocations:
     def is_revoked(self, jti: str, now: float | None = None) -> bool:
         self._purge(time.time() if now is None else now)
         return jti in self._by_jti
+
+    def entries(self, now: float | None = None) -> list[tuple[str, int]]:
+        """The revocations in force as ``(jti, exp)`` pairs, to be stored and given back to
+        :meth:`revoke` after a restart."""
+        self._purge(time.time() if now is None else now)
+        return [(jti, drop_at - CLOCK_SKEW_S) for jti, drop_at in self._by_jti.items()]
 
     def __len__(self) -> int:
         return len(self._by_jti)
@@ -311,6 +324,18 @@ def secret_equals(given: str, expected: str) -> bool:
     a = hmac.digest(_COMPARE_KEY, given.encode("utf-8", "surrogatepass"), "sha256")
     b = hmac.digest(_COMPARE_KEY, expected.encode("utf-8", "surrogatepass"), "sha256")
     return hmac.compare_digest(a, b)
+
+
+def credential_tag_key(secret: bytes) -> bytes:
+    """The key of :func:`credential_tag`, derived from the token-signing secret under its own
+    label (as the signing key is), so that neither value can stand for the other."""
+    return hmac.digest(secret, _TAG_LABEL, "sha256")
+
+
+def credential_tag(key: bytes, token_hash: str) -> str:
+    """A keyed fingerprint of a stored token hash (base64url, 22 characters)."""
+    digest = hmac.digest(key, token_hash.encode("ascii"), "sha256")
+    return _b64encode(digest[:_TAG_BYTES])
 
 
 def new_secret() -> str:

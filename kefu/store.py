@@ -15,6 +15,7 @@ key                            value                  what
 ``r`` conv(8) reader           seq(8)                 read mark (``visitor:<id>``/``agent:<id>``)
 ``u`` user_id                  conv(8)                index: the open conversation of a user
 ``a`` agent_id                 StoredAgent            an agent
+``s`` agent_id                 StoredAgentSessions    what ends the agent's session tokens early
 ``k`` name                     bytes                  meta values (schema version, secrets)
 =============================  =====================  ========================================
 
@@ -130,9 +131,11 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "StoredAgent",
+    "StoredAgentSessions",
     "StoredConversation",
     "StoredMessage",
     "agent_key",
+    "agent_sessions_key",
     "conversation_key",
     "dedup_key",
     "format_conv_id",
@@ -166,6 +169,7 @@ _P_READ: Final = b"r"
 _P_USER: Final = b"u"
 _P_AGENT: Final = b"a"
 _P_META: Final = b"k"
+_P_AGENT_SESSIONS: Final = b"s"
 _MESSAGE_BYTE: Final = _P_MESSAGE[0]
 
 _U64 = struct.Struct(">Q")
@@ -239,10 +243,22 @@ class StoredAgent(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     token_expires_ms: int | None = None
 
 
+class StoredAgentSessions(msgspec.Struct, array_like=True, kw_only=True, gc=False):
+    """What ends an agent's session tokens before they expire (``kefu.node``, "Agent
+    tokens"): every token issued before ``not_before`` (Unix seconds), and the revoked ones
+    of ``revoked`` as ``(jti, exp)`` pairs (the node keeps few: past its bound it moves
+    ``not_before`` instead)."""
+
+    agent_id: str
+    not_before: int = 0
+    revoked: list[tuple[str, int]] = msgspec.field(default_factory=list)
+
+
 _ENCODE = msgspec.msgpack.Encoder().encode
 _DECODE_MESSAGE = msgspec.msgpack.Decoder(StoredMessage).decode
 _DECODE_CONVERSATION = msgspec.msgpack.Decoder(StoredConversation).decode
 _DECODE_AGENT = msgspec.msgpack.Decoder(StoredAgent).decode
+_DECODE_AGENT_SESSIONS = msgspec.msgpack.Decoder(StoredAgentSessions).decode
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,6 +328,10 @@ def user_key(user_id: str) -> bytes:
 
 def agent_key(agent_id: str) -> bytes:
     return _P_AGENT + _name_bytes(agent_id, "agent id")
+
+
+def agent_sessions_key(agent_id: str) -> bytes:
+    return _P_AGENT_SESSIONS + _name_bytes(agent_id, "agent id")
 
 
 def meta_key(name: str) -> bytes:
@@ -856,6 +876,10 @@ class Store:
             out.append(_DECODE_AGENT(raw))
         return out
 
+    def get_agent_sessions(self, agent_id: str) -> StoredAgentSessions | None:
+        raw = self._get(agent_sessions_key(agent_id))
+        return None if raw is None else _DECODE_AGENT_SESSIONS(raw)
+
     def get_meta(self, name: str) -> bytes | None:
         return self._get(meta_key(name))
 
@@ -1016,6 +1040,9 @@ class Store:
 
     def put_agent(self, agent: StoredAgent) -> asyncio.Future[None]:
         return self.writer.submit([(agent_key(agent.id), _ENCODE(agent))])
+
+    def put_agent_sessions(self, sessions: StoredAgentSessions) -> asyncio.Future[None]:
+        return self.writer.submit([(agent_sessions_key(sessions.agent_id), _ENCODE(sessions))])
 
     def delete_agent(self, agent_id: str) -> asyncio.Future[None]:
         return self.writer.submit([(agent_key(agent_id), None)])

@@ -23,6 +23,8 @@ Each caller acts on a *target* conversation ``T`` (assigned to the agent alice):
 ``agent_closed``       alice on a closed conversation that was bob's
 ``agent_bot``          alice on a conversation the bot still owns (no agent may see it)
 ``agent_revoked``      the old token of an agent whose token was rotated
+``agent_session``      a session token of alice (``POST /v1/agent/login``)
+``agent_session_out``  a session token of alice after its ``POST /v1/agent/logout``
 =====================  ======================================================================
 
 The signing key of the node is fixed by writing the store's ``token_secret`` before the first
@@ -129,6 +131,8 @@ CALLERS: tuple[str, ...] = (
     "agent_closed",
     "agent_bot",
     "agent_revoked",
+    "agent_session",
+    "agent_session_out",
 )
 #: Callers that carry a token which is not a valid credential of anybody.
 BAD_TOKENS: tuple[str, ...] = (
@@ -138,6 +142,7 @@ BAD_TOKENS: tuple[str, ...] = (
     "tampered",
     "wrong_kind",
     "agent_revoked",
+    "agent_session_out",
 )
 AGENT_CALLERS = frozenset({"agent_holder", "agent_other", "agent_closed", "agent_bot"})
 WS_COMMANDS: tuple[str, ...] = (
@@ -234,6 +239,8 @@ class World:
     convs: dict[str, Conv] = field(default_factory=dict)
     secrets: list[str] = field(default_factory=list)
     revoked_token: str = ""
+    session_token: str = ""  # alice's, renewed after each logout
+    logged_out_token: str = ""
     counter: Iterator[int] = field(default_factory=lambda: _NUMBERS)
 
     # -- HTTP -------------------------------------------------------------------------------
@@ -353,6 +360,10 @@ class World:
             return token_of_agent("bob")
         if caller == "agent_revoked":
             return self.revoked_token
+        if caller == "agent_session":
+            return self.session_token
+        if caller == "agent_session_out":
+            return self.logged_out_token
         raise AssertionError(f"unknown caller {caller}")
 
 
@@ -376,9 +387,20 @@ async def _build_world(server: ServerProcess, http: aiohttp.ClientSession) -> Wo
     world.convs["queued"] = await world.create("vip")  # routed to the vip group: waits
     await world.set_status("alice", "online")
     world.revoked_token = await _revoked_agent_token(world)
+    world.session_token = await _login(world, "alice")
+    world.logged_out_token = await _login(world, "alice")
+    out = await world.call("POST", "/v1/agent/logout", token=world.logged_out_token)
+    assert out.status == 204, out.text
     for name, conv in world.convs.items():
         assert conv.secret in json.dumps(await world.history(conv), ensure_ascii=False), name
     return world
+
+
+async def _login(world: World, agent_id: str) -> str:
+    """A session token of ``agent_id`` (a config agent)."""
+    session = await world.ok("POST", "/v1/agent/login", {}, token=token_of_agent(agent_id))
+    assert session["agent_id"] == agent_id
+    return str(session["token"])
 
 
 async def _revoked_agent_token(world: World) -> str:
@@ -457,6 +479,8 @@ REST_CASES: dict[str, RestCase] = {
     "kbSearch": RestCase(_get("/v1/admin/kb/search?q=%E8%BF%90%E8%B4%B9")),
     "kbReload": RestCase(lambda t, a: ("POST", "/v1/admin/kb/reload", None)),
     "adminStats": RestCase(_get("/v1/admin/stats")),
+    "agentLogin": RestCase(lambda t, a: ("POST", "/v1/agent/login", {})),
+    "agentLogout": RestCase(lambda t, a: ("POST", "/v1/agent/logout", None), ok=204),
     "agentMe": RestCase(_get("/v1/agent/me")),
     "agentConversations": RestCase(_get("/v1/agent/conversations")),
     "agentSessionStats": RestCase(_get("/v1/agent/sessions/{t}/stats")),
@@ -485,7 +509,11 @@ def admitted(op: Any) -> frozenset[str]:
     if "agentToken" in schemes:
         # An agent sees the conversations it holds; an agent-wide operation any agent may call.
         out |= {"agent_holder"} if _session_scoped(op) else AGENT_CALLERS
-    unknown = schemes - {"visitorToken", "apiKey", "adminToken", "agentToken"}
+    if "agentSession" in schemes:
+        out.add("agent_session")  # alice's: she holds T
+        if op.operation_id == "agentLogout":
+            out.add("agent_session_out")  # idempotent: a session logged out stays so, 204
+    unknown = schemes - {"visitorToken", "apiKey", "adminToken", "agentToken", "agentSession"}
     assert not unknown, f"{op.operation_id}: no callers for security schemes {unknown}"
     return frozenset(out)
 
@@ -589,6 +617,17 @@ async def _admitted_call(world: World, op: Any, case: RestCase, caller: str) -> 
         texts = [m["text"] for m in await world.history(target)]
         if texts[-1:] != ["probe"]:
             return [f"{where}: the message was not stored: {texts[-3:]}"]
+    if op.operation_id == "agentLogout" and caller == "agent_session":
+        # The session ended at once; the next operations get a new one.
+        after = await world.call("GET", "/v1/agent/me", token=world.session_token)
+        world.session_token = await _login(world, "alice")
+        if after.status != 403:
+            return [f"{where}: the session still works after its logout: {after.status}"]
+    if op.operation_id == "agentLogin":
+        session = reply.json()["token"]
+        me = await world.call("GET", "/v1/agent/me", token=session)
+        if me.status != 200:
+            return [f"{where}: the session token does not work: {me.status}"]
     if not op.security:  # public: anyone reads it, so it must hold no conversation's text
         leaked = [s for s in world.secrets if s in reply.text]
         if leaked:

@@ -607,7 +607,7 @@ def check_openapi_structure(doc: dict[str, Any]) -> None:
     assert doc["info"]["title"] and doc["info"]["version"]
     schemas = doc["components"]["schemas"]
     schemes = doc["components"]["securitySchemes"]
-    assert set(schemes) == {"visitorToken", "apiKey", "adminToken", "agentToken"}
+    assert set(schemes) == {"visitorToken", "apiKey", "adminToken", "agentToken", "agentSession"}
     for scheme in schemes.values():
         assert scheme == {"type": "http", "scheme": "bearer", "description": scheme["description"]}
 

@@ -65,6 +65,15 @@ class Credentials:
         second = _create(base)
         self.admin: str = server.cfg["admin_token"]
         self.agent = token_of_agent("alice")
+        login = requests.post(
+            f"{base}/v1/agent/login",
+            json={},
+            headers={"Authorization": f"Bearer {self.agent}"},
+            timeout=10,
+        )
+        assert login.status_code == 200, login.text
+        # alice's session token (logout ends it; a repeated logout is answered 204 still).
+        self.agent_session: str = login.json()["token"]
         # The visitor writes to and reads its own conversation; a second conversation is the one
         # closed (by the API key and by the admin), so that the first stays open for `send`.
         self.visitor: str = first["token"]
@@ -205,6 +214,7 @@ def test_every_operation_passes_every_check(server: ServerProcess) -> None:
             "apiKey": API_KEY,
             "visitorToken": creds.visitor,
             "agentToken": creds.agent,
+            "agentSession": creds.agent_session,
         },
     )
     for label, counts in _run(server, creds, {"apiKey": API_KEY}, tag="chat").items():
@@ -241,10 +251,10 @@ def _errors_of(server: ServerProcess) -> str:
 
 
 def test_the_document_declares_every_security_scheme_used(server: ServerProcess) -> None:
-    """The four schemes the run authenticates with are the document's whole set."""
+    """The five schemes the run authenticates with are the document's whole set."""
     document = requests.get(f"{server.http_url}/openapi.json", timeout=10).json()
     schemes = set(document["components"]["securitySchemes"])
-    assert schemes == {"adminToken", "apiKey", "visitorToken", "agentToken"}
+    assert schemes == {"adminToken", "apiKey", "visitorToken", "agentToken", "agentSession"}
     used = {
         name
         for path in document["paths"].values()

@@ -50,6 +50,10 @@ before the body is read.
 - ``send``, ``close``, ``messages``: the visitor token of that very session, or the API key
   (acting as the session's visitor).
 - ``/v1/admin/...``: the admin token.
+- ``/v1/agent/...`` and an agent reading ``messages``: the agent's own token or one of its
+  session tokens (``kefu.node``, "Agent tokens"), except ``/v1/agent/login`` (the agent's own
+  token only: a session cannot extend itself) and ``/v1/agent/logout`` (a session token only).
+  ``login`` takes an optional body: none (or an empty one) is ``{}``.
 
 A ``session_id`` in the path that is not a conversation id is 404 ``not_found`` (no such
 session); in a body it is 400 ``invalid`` (the body's schema says what it must look like).
@@ -123,6 +127,7 @@ from kefu.protocol import (
     MAX_SEQ,
     MAX_SYNC_LIMIT,
     AgentCreate,
+    AgentLoginRequest,
     AgentTokenRequest,
     AgentUpdate,
     CloseRequest,
@@ -428,6 +433,8 @@ class HttpServer:
             ("GET", "/v1/admin/kb/search", self.kb_search),
             ("POST", "/v1/admin/kb/reload", self.kb_reload),
             ("GET", "/v1/admin/stats", self.admin_stats),
+            ("POST", "/v1/agent/login", self.agent_login),
+            ("POST", "/v1/agent/logout", self.agent_logout),
             ("GET", "/v1/agent/me", self.agent_me),
             ("GET", "/v1/agent/conversations", self.agent_conversations),
             ("GET", "/v1/agent/sessions/{session_id}/stats", self.agent_session_stats),
@@ -628,6 +635,19 @@ class HttpServer:
         if agent is None:
             raise _Refusal("forbidden", "this token is not an agent's token")
         return agent
+
+    async def agent_login(self, request: web.Request) -> web.Response:
+        token = _bearer(request)
+        if self.node.agent_of_own_token(token) is None:  # before the body is read
+            raise _Refusal("forbidden", "a session is opened with the agent's own token only")
+        ttl_s = None
+        if request.body_exists:
+            ttl_s = decode_body(await _read_body(request), AgentLoginRequest).ttl_s
+        return _json(self.node.agent_login(token, ttl_s))
+
+    async def agent_logout(self, request: web.Request) -> web.Response:
+        await self.node.agent_logout(_bearer(request))
+        return web.Response(status=204)
 
     async def agent_me(self, request: web.Request) -> web.Response:
         return _json(self.node.agent_me(self._agent(request)))

@@ -68,7 +68,10 @@ _STORE: Final = ("503",)
 _Security = list[dict[str, list[str]]]
 _VISITOR_OR_KEY: Final[_Security] = [{"visitorToken": []}, {"apiKey": []}]
 _ADMIN: Final[_Security] = [{"adminToken": []}]
-_AGENT: Final[_Security] = [{"agentToken": []}]
+_AGENT_OWN: Final[_Security] = [{"agentToken": []}]
+_AGENT_SESSION: Final[_Security] = [{"agentSession": []}]
+#: Wherever an agent's token is taken, one of its session tokens is too.
+_AGENT: Final[_Security] = [*_AGENT_OWN, *_AGENT_SESSION]
 _PUBLIC: Final[_Security] = []
 
 
@@ -182,6 +185,7 @@ class _Op(msgspec.Struct, frozen=True, kw_only=True):
     ok: dict[str, tuple[str, dict[str, Any] | None]]
     errors: tuple[str, ...] = ()
     body: str | None = None
+    body_required: bool = True
     parameters: tuple[str, ...] = ()  # "session", "agent", "history"
 
 
@@ -408,6 +412,35 @@ OPERATIONS: Final[tuple[_Op, ...]] = (
         errors=(*_CHAT_AUTH, *_ALWAYS),
     ),
     _Op(
+        method="post",
+        path="/v1/agent/login",
+        operation_id="agentLogin",
+        summary="Trade the agent's own token for a signed, expiring session token",
+        tag="agent",
+        security=_AGENT_OWN,
+        body="AgentLoginRequest",
+        body_required=False,
+        ok={
+            "200": (
+                "A session token for every agent operation and the WebSocket `hello`, until "
+                "`expires_ts` or its logout; the agent's own token is needed to log in "
+                "(a session token is refused: it cannot extend itself).",
+                _json_content("AgentSession"),
+            )
+        },
+        errors=(*_BODY_ERRORS, *_CHAT_AUTH, *_ALWAYS),
+    ),
+    _Op(
+        method="post",
+        path="/v1/agent/logout",
+        operation_id="agentLogout",
+        summary="End the calling session token now; its connections are closed (1008)",
+        tag="agent",
+        security=_AGENT_SESSION,
+        ok={"204": ("Ended (durably: a restart does not bring it back).", None)},
+        errors=(*_CHAT_AUTH, *_ALWAYS, *_STORE),
+    ),
+    _Op(
         method="get",
         path="/v1/agent/me",
         operation_id="agentMe",
@@ -488,7 +521,7 @@ def _operation(op: _Op) -> dict[str, Any]:
         out["parameters"] = parameters
     if op.body is not None:
         out["requestBody"] = {
-            "required": True,
+            "required": op.body_required,
             "content": {"application/json": {"schema": _schema(op.body)}},
         }
     return out
@@ -535,6 +568,12 @@ def openapi_document() -> dict[str, Any]:
                     **bearer,
                     "description": "An agent's token: the agent's own conversations, the "
                     "queued ones, and its own profile.",
+                },
+                "agentSession": {
+                    **bearer,
+                    "description": "A session token from `POST /v1/agent/login` (signed, "
+                    "expiring, revocable with `POST /v1/agent/logout`): what the agent's "
+                    "token grants, except opening another session.",
                 },
             },
         },

@@ -1,7 +1,7 @@
 """Fixtures of the browser tests: Debian's Chromium driven by Playwright (sync API) against a
 real ``kefu serve`` process.
 
-- ``browser`` (session): one headless Chromium at :data:`CHROMIUM`; every test opens its own
+- ``browser`` (per module): one headless Chromium at :data:`CHROMIUM`; every test opens its own
   contexts, so tests share no cookies, storage or cache.
 - ``server_factory(**overrides)``: a started :class:`~tests.e2e.harness.ServerProcess` with two
   agents (alice and bob, tokens from :func:`~tests.e2e.harness.token_of_agent`), the admin token
@@ -72,7 +72,10 @@ _BENIGN_CONSOLE = re.compile(
 )
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: while Playwright's sync API is started, its event loop counts as
+# running in this thread, so every later `asyncio.run` of the suite (the other test files)
+# would fail. Each browser module starts and stops its own (about a second).
+@pytest.fixture(scope="module")
 def playwright() -> Iterator[Playwright]:
     if not CHROMIUM.exists():
         pytest.fail(
@@ -83,7 +86,7 @@ def playwright() -> Iterator[Playwright]:
         yield pw
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(playwright: Playwright) -> Iterator[Browser]:
     flags = list(_FLAGS)
     if hasattr(os, "geteuid") and os.geteuid() == 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
@@ -321,4 +322,58 @@ def test_away_agent_takes_a_queued_conversation_by_hand(
     alice.get_by_label("Message", exact=True).press("Enter")
     expect(visitor.locator("#chat-list .role-agent .bubble")).to_have_text(
         ["您好，李四"], timeout=TIMEOUT
+    )
+
+
+def agent_me_status(server: ServerProcess, token: str) -> int:
+    req = urllib.request.Request(
+        f"{server.http_url}/v1/agent/me", headers={"Authorization": f"Bearer {token}"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def test_login_keeps_a_session_token_and_logout_revokes_it(
+    server_factory: ServerFactory, new_page: NewPage
+) -> None:
+    """The page trades the agent's token for a session token and keeps only that one; Log out
+    revokes it on the server; a session refused meanwhile brings back the login form."""
+    server = server_factory()
+    alice = open_workbench(new_page, server, ALICE)
+    kept = alice.evaluate("() => JSON.stringify(Object.values(sessionStorage))")
+    assert ALICE not in kept
+    session = alice.evaluate("() => sessionStorage.getItem('kefu.agent.token')")
+    assert session.startswith("v1.") and session != ALICE
+    assert agent_me_status(server, session) == 200
+
+    alice.get_by_role("button", name="Log out").click()
+    expect(alice.get_by_label("Agent token")).to_be_visible(timeout=TIMEOUT)
+    assert alice.evaluate("() => sessionStorage.getItem('kefu.agent.token')") is None
+    deadline = time.monotonic() + 10
+    while agent_me_status(server, session) != 403:
+        assert time.monotonic() < deadline, "the session token still works after Log out"
+        time.sleep(0.1)
+    assert agent_me_status(server, ALICE) == 200
+
+    # Logged in again; the session is ended from elsewhere: the WebSocket is closed with
+    # 1008 and the page asks for the token again.
+    token_field = alice.get_by_label("Agent token")
+    token_field.fill(ALICE)
+    alice.get_by_role("button", name="Log in").click()
+    expect(alice.locator("#conn-state")).to_have_attribute("data-state", "open", timeout=TIMEOUT)
+    second = alice.evaluate("() => sessionStorage.getItem('kefu.agent.token')")
+    assert second.startswith("v1.") and second != session
+    req = urllib.request.Request(
+        f"{server.http_url}/v1/agent/logout",
+        method="POST",
+        headers={"Authorization": f"Bearer {second}"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 204
+    expect(alice.get_by_label("Agent token")).to_be_visible(timeout=TIMEOUT)
+    expect(alice.locator("#login-error")).to_have_text(
+        "The token was refused: log in again", timeout=TIMEOUT
     )

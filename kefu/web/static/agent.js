@@ -153,10 +153,16 @@ class ApiError extends Error {
   }
 }
 
-async function api(method, path, tokenOverride) {
+async function api(method, path, tokenOverride, body) {
   let res;
+  const headers = { Authorization: `Bearer ${tokenOverride ?? token}` };
+  const init = { method, headers };
+  if (body !== undefined) {
+    headers['Content-Type'] = 'application/json';
+    init.body = JSON.stringify(body);
+  }
   try {
-    res = await fetch(path, { method, headers: { Authorization: `Bearer ${tokenOverride ?? token}` } });
+    res = await fetch(path, init);
   } catch (e) {
     throw new ApiError(0, 'network', e.message);
   }
@@ -236,13 +242,17 @@ function unread(c) {
 
 // -- login / logout ----------------------------------------------------------------------------
 
+// The agent's own token is traded for a session token (POST /v1/agent/login): only that one
+// is kept (sessionStorage), the Log out button revokes it, and a refused one (WS 1008, REST
+// 401/403) brings back the login form.
 async function login(candidate) {
-  const profile = await api('GET', '/v1/agent/me', candidate).catch((e) => {
+  const session = await api('POST', '/v1/agent/login', candidate, {}).catch((e) => {
     if (e.status === 401 || e.status === 403) throw new Error(`${tr('bad_token')}: ${e.message}`);
     throw e;
   });
-  token = candidate;
-  sessionStorage.setItem(TOKEN_KEY, candidate);
+  const profile = await api('GET', '/v1/agent/me', session.token);
+  token = session.token;
+  sessionStorage.setItem(TOKEN_KEY, token);
   me = profile;
   config = await api('GET', '/v1/config');
   start();
@@ -263,6 +273,14 @@ function start() {
   refreshLists();
   listTimer = setInterval(refreshLists, LIST_REFRESH_MS);
   updateTitle();
+}
+
+/** The Log out button: the page is logged out, then the session token revoked on the server
+ *  (after the WebSocket is closed here, so its 1008 is not taken for a refusal). */
+function signOut() {
+  const ending = token;
+  logout();
+  if (ending) api('POST', '/v1/agent/logout', ending).catch(() => {});
 }
 
 function logout(message = '') {
@@ -1098,7 +1116,7 @@ function init() {
   });
   $('login-lang').addEventListener('change', (ev) => setLang(ev.target.value));
   $('lang-select').addEventListener('change', (ev) => setLang(ev.target.value));
-  $('logout').addEventListener('click', () => logout());
+  $('logout').addEventListener('click', () => signOut());
   $('status-select').addEventListener('change', (ev) => {
     myStatus = ev.target.value;
     client?.command({ type: 'status', status: myStatus });
