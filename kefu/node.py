@@ -1048,8 +1048,10 @@ class Node:
             return
         ended = self._sessions[agent_id] = _AgentSessions()
         ended.not_before = record.not_before
-        for jti, exp in record.revoked:
-            ended.revoked.revoke(jti, exp)  # those expired meanwhile are dropped
+        for jti, exp in record.revoked:  # those expired meanwhile are dropped
+            if not ended.revoked.revoke(jti, exp):
+                self._end_sessions(agent_id)  # more than the bound: end them all, forget none
+                break
 
     def _track_session(self, conn: Connection, token: str) -> None:
         """Remembers that ``conn`` came with session ``token`` (nothing for the agent's own
@@ -1677,7 +1679,14 @@ class Node:
     # -- FrameHandler -----------------------------------------------------------------------
 
     async def authenticate(self, conn: Connection, hello: Hello) -> Welcome:
-        agent_id = self.agent_of_token(hello.token)
+        # The agent's own token (one hash lookup), then a visitor token, then an agent session
+        # token: visitors are the many, so theirs is verified before trying a session's.
+        token = hello.token
+        agent_id = self.agent_of_own_token(token)
+        found = None if agent_id is not None else self.visitor_of_token(token)
+        if agent_id is None and found is None:
+            session = self.agent_session(token)
+            agent_id = None if session is None else session.sub
         if agent_id is not None:
             convs = [self._conv_state(c) for c in self.routing.conversations_of(agent_id)]
             return Welcome(
@@ -1687,7 +1696,6 @@ class Node:
                 ping_interval_ms=0,
                 max_msg_bytes=0,
             )
-        found = self.visitor_of_token(hello.token)
         if found is None:
             raise AuthError("bad token")
         visitor_id, conv_hex = found

@@ -260,7 +260,10 @@ def status_of(code: str) -> int:
 
 
 class _Refusal(KefuError):
-    """A refusal made by this module (content type, size, query, credentials)."""
+    """A refusal made by this module (content type, size, query, credentials); each instance
+    names its own code (the class default is only what a bare refusal would be)."""
+
+    code = "bad_request"
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
