@@ -561,12 +561,13 @@ def test_ws_connections_capped_per_visitor_and_agent(tmp_path: Path) -> None:
             limits = s.node.limits
             await asyncio.wait_for(
                 _until(
-                    lambda: limits.principal_connections.count(f"visitor:{chat['visitor_id']}") == 1
+                    lambda: limits.principal_connections["visitor"].count(chat["visitor_id"]) == 1
                 ),
                 5,
             )
             await s.ws(chat["token"])  # a place is free again
-            assert limits.principal_connections.refused == 2
+            refused = sum(c.refused for c in limits.principal_connections.values())
+            assert refused == 2
 
     run(body)
 
@@ -802,3 +803,29 @@ def test_agent_token_expiry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
             assert s.node.agent_of_token(carol["token"]) is None
 
     run(body)
+
+
+def test_shared_visitor_bucket_from_the_second_connection_by_default() -> None:
+    """Default per_visitor (ws.rate): one connection has no shared bucket (its own bucket has
+    the same rate); the second and later ones share one. Set apart: shared from the first."""
+    rate = RateConfig(per_second=1.0, burst=5)
+    limits = Limits.from_config(LimitsConfig(), rate)
+    assert limits.connect_principal("visitor", "v1")
+    assert limits.connection_visitor_bucket("v1", 0.0) is None
+    assert len(limits.visitor) == 0  # nothing held for a visitor with one connection
+    assert limits.connect_principal("visitor", "v1")
+    second = limits.connection_visitor_bucket("v1", 0.0)
+    assert second is not None and (second.per_second, second.burst) == (1.0, 5)
+    assert limits.connect_principal("visitor", "v1")
+    assert limits.connection_visitor_bucket("v1", 0.0) is second
+    # A visitor that already has a shared bucket (REST sends) gets it on its first connection.
+    limits.visitor_bucket("v2", 0.0)
+    assert limits.connect_principal("visitor", "v2")
+    assert limits.connection_visitor_bucket("v2", 0.0) is limits.visitor_bucket("v2", 0.0)
+
+    explicit = Limits.from_config(
+        LimitsConfig(per_visitor=RateConfig(per_second=2.0, burst=3)), rate
+    )
+    assert explicit.connect_principal("visitor", "v1")
+    first = explicit.connection_visitor_bucket("v1", 0.0)
+    assert first is not None and (first.per_second, first.burst) == (2.0, 3)

@@ -55,6 +55,13 @@ key be evicted meanwhile, a later connection of that key starts a new bucket. Co
 (:class:`ConnectionCounts`) hold an entry only while its key has an open connection, so they
 are bounded by the open connections (``ws.max_connections``). Sizes and evictions are in
 :meth:`Limits.stats` (``/metrics``).
+
+With ``per_visitor`` left at its default (the rate of ``ws.rate``), a visitor's only
+connection draws from its own per-connection bucket, which has that very rate, and the shared
+per-visitor bucket is made when the visitor opens a second connection (or sends over REST):
+tens of thousands of idle visitors then hold no second bucket and no map entry each (a quarter
+of a KiB per connection). The connection opened first keeps its own bucket only, so a visitor
+with several connections gets at most one connection's rate more than the shared bucket's.
 """
 
 from __future__ import annotations
@@ -274,6 +281,7 @@ class Limits:
         *,
         per_ip: tuple[float, int],
         per_visitor: tuple[float, int],
+        per_visitor_explicit: bool = True,
         create_per_ip: tuple[float, int],
         max_tracked: int,
         ws_connections_per_ip: int,
@@ -284,9 +292,15 @@ class Limits:
     ) -> None:
         self.ip = KeyedBuckets(*per_ip, max_tracked)
         self.visitor = KeyedBuckets(*per_visitor, max_tracked)
+        # per_visitor given apart from ws.rate: every visitor connection draws from the shared
+        # bucket. Otherwise (the default) a visitor's only connection is limited by its own
+        # bucket, the same rate, and the shared one is made from its second connection on
+        # (module doc, "Bounds": one bucket less per connected visitor).
+        self.visitor_explicit = per_visitor_explicit
         self.create_ip = KeyedBuckets(*create_per_ip, max_tracked)
         self.ip_connections = ConnectionCounts()
-        self.principal_connections = ConnectionCounts()
+        # By role, keyed by the principal's id itself (no key string made per connection).
+        self.principal_connections = {"visitor": ConnectionCounts(), "agent": ConnectionCounts()}
         self.cap_per_ip = ws_connections_per_ip
         self.cap_per_role = {
             "visitor": ws_connections_per_visitor,
@@ -310,6 +324,7 @@ class Limits:
         return cls(
             per_ip=(limits.per_ip.per_second, limits.per_ip.burst),
             per_visitor=(visitor.per_second, visitor.burst),
+            per_visitor_explicit=limits.per_visitor is not None,
             create_per_ip=(limits.create_per_ip.per_second, limits.create_per_ip.burst),
             max_tracked=limits.max_tracked,
             ws_connections_per_ip=limits.ws_connections_per_ip,
@@ -356,6 +371,18 @@ class Limits:
     def visitor_bucket(self, visitor_id: str, now: float) -> TokenBucket:
         return self.visitor.get(visitor_id, now)
 
+    def connection_visitor_bucket(self, visitor_id: str, now: float) -> TokenBucket | None:
+        """The shared bucket a visitor's new connection also draws from: always when
+        ``per_visitor`` is set apart, else once the visitor holds two connections or more
+        (or already has a shared bucket from REST sends)."""
+        if (
+            self.visitor_explicit
+            or visitor_id in self.visitor
+            or self.principal_connections["visitor"].count(visitor_id) > 1
+        ):
+            return self.visitor.get(visitor_id, now)
+        return None
+
     # -- connection caps ------------------------------------------------------------------------
 
     def connect_ip(self, ip: str) -> bool:
@@ -373,11 +400,12 @@ class Limits:
         cap = self.cap_per_role.get(role)
         if cap is None:
             return True
-        return self.principal_connections.acquire(f"{role}:{principal}", cap)
+        return self.principal_connections[role].acquire(principal, cap)
 
     def disconnect_principal(self, role: str, principal: str) -> None:
-        if role in self.cap_per_role:
-            self.principal_connections.release(f"{role}:{principal}")
+        counts = self.principal_connections.get(role)
+        if counts is not None:
+            counts.release(principal)
 
     # -- metrics --------------------------------------------------------------------------------
 
@@ -396,11 +424,13 @@ class Limits:
             },
             "connection_keys": {
                 "ip": len(self.ip_connections),
-                "principal": len(self.principal_connections),
+                "principal": sum(len(c) for c in self.principal_connections.values()),
             },
             "refused_total": {
                 **self.refused,
                 "connections_ip": self.ip_connections.refused,
-                "connections_principal": self.principal_connections.refused,
+                "connections_principal": sum(
+                    c.refused for c in self.principal_connections.values()
+                ),
             },
         }

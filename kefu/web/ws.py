@@ -815,7 +815,9 @@ class Connection(WSListener):
                 return
             self._principal_counted = True
             if welcome.role == "visitor":
-                self._visitor_bucket = limits.visitor_bucket(welcome.id, server._loop.time())
+                self._visitor_bucket = limits.connection_visitor_bucket(
+                    welcome.id, server._loop.time()
+                )
         welcome.ping_interval_ms = round(server.config.ping_interval_s * 1000)
         welcome.max_msg_bytes = server.config.max_msg_bytes
         self.role = welcome.role
