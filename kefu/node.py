@@ -300,6 +300,9 @@ log = logging.getLogger("kefu.node")
 
 RESUME_MAX: Final = 300  # PROTOCOL.md: more missed than this -> recovered: false
 ASSIGNED_RECENT: Final = 20  # last messages an agent gets with `assigned`
+#: Buckets of the group-commit batch-size histogram (messages; the writer caps a batch at
+#: ``store.batch_max_entries``, 1,024 by default).
+BATCH_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
 WAITING_SHOWN: Final = 100  # head of the waiting queue shown by GET /v1/agent/conversations
 EXPIRE_BATCH: Final = 1_000  # idle conversations closed per housekeeping tick at most
 BOT_PENDING_MAX: Final = 4  # visitor messages waiting for the bot per conversation
@@ -532,6 +535,7 @@ class Node:
             block_cache_bytes=sc.block_cache_bytes,
             write_buffer_bytes=sc.write_buffer_bytes,
         )
+        store.writer.on_batch = self._observe_batch
         try:
             for a in cfg.agents:
                 self.pool.add(a.id, a.name, weight=a.weight, max_chats=a.max_chats, groups=a.groups)
@@ -1296,6 +1300,10 @@ class Node:
         """``GET /metrics``: Prometheus text (``kefu.metrics.CONTENT_TYPE``)."""
         return self.metrics.render()
 
+    def _observe_batch(self, messages: int, seconds: float) -> None:
+        self._m_batch_messages.observe(messages)
+        self._m_batch_write.observe(seconds)
+
     def _register_metrics(self) -> None:
         reg = self.metrics
         messages = reg.counter(
@@ -1316,6 +1324,16 @@ class Node:
             "kefu_message_received_to_delivered_seconds",
             "From reading a message's frame to handing the ack and the message to every "
             "participant's connection (written at the end of that loop turn).",
+            LATENCY_BUCKETS,
+        )
+        self._m_batch_messages = reg.histogram(
+            "kefu_store_batch_messages",
+            "Messages per group-commit batch (one RocksDB write batch per loop turn).",
+            BATCH_BUCKETS,
+        )
+        self._m_batch_write = reg.histogram(
+            "kefu_store_batch_write_seconds",
+            "Time to write one group-commit batch to RocksDB (the loop waits for it).",
             LATENCY_BUCKETS,
         )
         self._m_dups = reg.counter(

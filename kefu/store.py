@@ -443,6 +443,9 @@ class GroupCommitWriter:
         self.last_batch_messages = 0
         self.last_write_us = 0.0
         self.max_write_us = 0.0
+        # Called after each batch with (messages, seconds): the node's histograms of batch
+        # size and write time (the counters above only keep the last and the largest).
+        self.on_batch: Callable[[int, float], None] | None = None
         self.syncs = 0
         self.last_sync_us = 0.0
         self.busy_rejections = 0
@@ -582,6 +585,8 @@ class GroupCommitWriter:
         self.last_batch_messages = messages
         self.last_write_us = elapsed
         self.max_write_us = max(self.max_write_us, elapsed)
+        if self.on_batch is not None:
+            self.on_batch(messages, elapsed / 1e6)
 
     def _ack(self, entries: list[_Entry]) -> None:
         for entry in entries:

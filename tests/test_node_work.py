@@ -380,6 +380,10 @@ def test_metrics_follow_the_traffic(tmp_path: Path) -> None:
                 >= got[("kefu_message_received_to_persisted_seconds_sum", ())]
             )
             assert got[("kefu_ws_write_batches_total", ())] >= 1
+            # Group commit: batches observed, holding every message written.
+            batches = got[("kefu_store_batch_messages_count", ())]
+            assert 1 <= batches == got[("kefu_store_batch_write_seconds_count", ())]
+            assert got[("kefu_store_batch_messages_sum", ())] >= 4
             assert got[("kefu_conversations_open_assigned", ())] == 1
             assert got[("kefu_routing_load", ())] == 1
             assert got[("kefu_hub_visitor_connections", ())] == 1
