@@ -1,7 +1,7 @@
 // kefu admin page: agents, knowledge base, live figures. REST only (PROTOCOL.md, /v1/admin/*).
 // Every value from the server is rendered as text (textContent / text nodes), never as HTML.
 
-import { extend, pickLang, t } from './i18n.js';
+import { applyStrings, pageLang, registerStrings, t } from './i18n.js';
 
 const TOKEN_KEY = 'kefu.admin.token';
 const LANG_KEY = 'kefu.lang';
@@ -47,12 +47,10 @@ const STRINGS = {
   },
 };
 
-for (const [code, table] of Object.entries(STRINGS)) {
-  extend(code, Object.fromEntries(Object.entries(table).map(([k, v]) => ['admin.' + k, v])));
-}
+registerStrings('admin', STRINGS);
 
 // The page language: ?lang=, then the saved choice, then the browser's.
-let lang = pickLang(new URLSearchParams(location.search).get('lang') || localStorage.getItem(LANG_KEY));
+let lang = pageLang(LANG_KEY);
 
 /** Translate `key`, filling `{name}` slots from `vars` (values are inserted as text later). */
 function tr(key, vars = {}) {
@@ -60,9 +58,8 @@ function tr(key, vars = {}) {
 }
 
 function applyLang() {
-  document.documentElement.lang = lang === 'zh' ? 'zh-CN' : 'en';
+  applyStrings(tr, lang);
   document.title = tr('admin_title');
-  for (const el of document.querySelectorAll('[data-i18n]')) el.textContent = tr(el.dataset.i18n);
   $('lang-select').value = lang;
 }
 

@@ -5,7 +5,7 @@
 // Every value from the server is rendered as text (h() builds text nodes), never as HTML.
 
 import { KefuClient, h } from './kefu-client.js';
-import { extend, pickLang, t } from './i18n.js';
+import { applyStrings, pageLang, registerStrings, t } from './i18n.js';
 
 const TOKEN_KEY = 'kefu.agent.token';
 const LANG_KEY = 'kefu.lang';
@@ -69,24 +69,19 @@ const STRINGS = {
   },
 };
 
-for (const [code, table] of Object.entries(STRINGS)) {
-  extend(code, Object.fromEntries(Object.entries(table).map(([k, v]) => ['agent.' + k, v])));
-}
+registerStrings('agent', STRINGS);
 
 // -- language ----------------------------------------------------------------------------------
 
 // The page language: ?lang=, then the saved choice, then the browser's.
-let lang = pickLang(new URLSearchParams(location.search).get('lang') || localStorage.getItem(LANG_KEY));
+let lang = pageLang(LANG_KEY);
 
 function tr(key, vars = {}) {
   return t('agent.' + key, lang, vars);
 }
 
 function applyLang() {
-  document.documentElement.lang = lang === 'zh' ? 'zh-CN' : 'en';
-  for (const el of document.querySelectorAll('[data-i18n]')) el.textContent = tr(el.dataset.i18n);
-  for (const el of document.querySelectorAll('[data-i18n-placeholder]')) el.placeholder = tr(el.dataset.i18nPlaceholder);
-  for (const el of document.querySelectorAll('[data-i18n-label]')) el.setAttribute('aria-label', tr(el.dataset.i18nLabel));
+  applyStrings(tr, lang);
   $('lang-select').value = lang;
   $('login-lang').value = lang;
 }

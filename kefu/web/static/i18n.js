@@ -114,3 +114,25 @@ export function t(key, lang = "en", vars = null) {
   if (vars) s = s.replace(/\{(\w+)\}/g, (m, k) => (k in vars ? String(vars[k]) : m));
   return s;
 }
+
+/** Register a page's own strings under `prefix.` (`tables`: {zh: {...}, en: {...}}). */
+export function registerStrings(prefix, tables) {
+  for (const [code, table] of Object.entries(tables)) {
+    extend(code, Object.fromEntries(Object.entries(table).map(([k, v]) => [`${prefix}.${k}`, v])));
+  }
+}
+
+/** A staff page's language: `?lang=`, then the choice saved under `storageKey`, then the
+ *  browser's. */
+export function pageLang(storageKey) {
+  return pickLang(new URLSearchParams(location.search).get("lang") || localStorage.getItem(storageKey));
+}
+
+/** Fill the page's static text in `lang`: `data-i18n` (text), `data-i18n-placeholder`,
+ *  `data-i18n-label` (aria-label), through `tr(key)`. */
+export function applyStrings(tr, lang, root = document) {
+  document.documentElement.lang = lang === "zh" ? "zh-CN" : "en";
+  for (const el of root.querySelectorAll("[data-i18n]")) el.textContent = tr(el.dataset.i18n);
+  for (const el of root.querySelectorAll("[data-i18n-placeholder]")) el.placeholder = tr(el.dataset.i18nPlaceholder);
+  for (const el of root.querySelectorAll("[data-i18n-label]")) el.setAttribute("aria-label", tr(el.dataset.i18nLabel));
+}
