@@ -267,8 +267,10 @@ def _announce_credentials(node: Node, http_base: str) -> None:
             _say(f"  demo agent id:     {bootstrap.demo_agent_id}")
             _say(f"  demo agent token:  {bootstrap.demo_agent_token}")
         _say(f"  saved in:          {bootstrap.credentials_path} (mode 0600)")
-        _say(f"  visitor chat page: {http_base}/")
+        _say(f"  visitor chat page: {http_base}/chat")
         _say(f"  agent workbench:   {http_base}/agent")
+        _say(f"  admin page:        {http_base}/admin")
+        _say(f"  widget for a site: <script src=\"{http_base}/widget.js\" async></script>")
     elif os.path.exists(path):
         _say(f"kefu: the credentials made at the first start are in {path}")
 

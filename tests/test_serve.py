@@ -237,8 +237,17 @@ def test_first_start_prints_credentials_once_and_keeps_them(start: Any, tmp_path
     agent_id = first.stdout_value("demo agent id")
     agent_token = first.stdout_value("demo agent token")
     credentials = Path(first.stdout_value("saved in"))
-    assert first.stdout_value("visitor chat page") == f"{first.http_url}/"
-    assert first.stdout_value("agent workbench") == f"{first.http_url}/agent"
+    pages = {
+        "visitor chat page": f"{first.http_url}/chat",
+        "agent workbench": f"{first.http_url}/agent",
+        "admin page": f"{first.http_url}/admin",
+    }
+    for line, url in pages.items():
+        assert first.stdout_value(line) == url
+        with urllib.request.urlopen(url, timeout=10) as page:  # what is printed is served
+            assert page.status == 200 and b"<html" in page.read().lower()
+    widget = f'  widget for a site: <script src="{first.http_url}/widget.js" async></script>'
+    assert widget in first.stdout_lines
     # The credentials come before `ready`, which is the last line.
     assert first.stdout_lines[-1] == "kefu: ready"
     assert credentials.parent == data
