@@ -351,7 +351,9 @@ class Connection(WSListener):
         self._frag_parts: list[Any] = []
         self._frag_size = 0
         self._frag_utf8: codecs.IncrementalDecoder | None = None
-        self._inbox: deque[tuple[ClientFrame | ProtocolError, int, int]] = deque()
+        # Made when a frame arrives and dropped once handled: an empty deque is 760 bytes,
+        # which an idle connection would hold for nothing.
+        self._inbox: deque[tuple[ClientFrame | ProtocolError, int, int]] | None = None
         self._inbox_bytes = 0
         self._worker: asyncio.Task[None] | None = None
         self._bucket: TokenBucket | None = None
@@ -469,7 +471,7 @@ class Connection(WSListener):
         self._state = _CLOSING
         self.close_code = code
         self._cancel_timers()
-        self._inbox.clear()
+        self._drop_inbox()
         self._inbox_bytes = 0
         self._frag_parts = []
         self._out.clear()
@@ -532,7 +534,7 @@ class Connection(WSListener):
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
-        self._inbox.clear()
+        self._drop_inbox()
         self._out.clear()
         self._batch = None
         self._batch_bytes = 0
@@ -709,10 +711,13 @@ class Connection(WSListener):
                 return
             self._state = _AUTH
         size = len(data)
-        if len(self._inbox) >= INBOX_FRAMES or self._inbox_bytes + size > INBOX_BYTES:
+        inbox = self._inbox
+        if inbox is None:
+            inbox = self._inbox = deque()
+        if len(inbox) >= INBOX_FRAMES or self._inbox_bytes + size > INBOX_BYTES:
             self._refuse("too many commands in flight")
             return
-        self._inbox.append((item, size, time.perf_counter_ns()))
+        inbox.append((item, size, time.perf_counter_ns()))
         self._inbox_bytes += size
         if self._worker is None:
             self._worker = server._loop.create_task(self._drain())
@@ -759,6 +764,13 @@ class Connection(WSListener):
     # -----------------------------------------------------------------------------------------
     # Handling, one frame at a time
 
+    def _drop_inbox(self) -> None:
+        """Forget the frames not handled yet (a close drops them, module doc)."""
+        inbox = self._inbox
+        if inbox is not None:
+            inbox.clear()  # the worker, if any, sees it empty and stops
+            self._inbox = None
+
     async def _drain(self) -> None:
         inbox = self._inbox
         try:
@@ -768,6 +780,8 @@ class Connection(WSListener):
                 await self._dispatch(item)
         finally:
             self._worker = None
+            if self._inbox is inbox and not inbox:
+                self._inbox = None  # handled all: the next frame makes a new one
             if self._notify_close:
                 self._notify_close = False
                 self._server._notify_closed(self)
