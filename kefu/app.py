@@ -270,7 +270,7 @@ def _announce_credentials(node: Node, http_base: str) -> None:
         _say(f"  visitor chat page: {http_base}/chat")
         _say(f"  agent workbench:   {http_base}/agent")
         _say(f"  admin page:        {http_base}/admin")
-        _say(f"  widget for a site: <script src=\"{http_base}/widget.js\" async></script>")
+        _say(f'  widget for a site: <script src="{http_base}/widget.js" async></script>')
     elif os.path.exists(path):
         _say(f"kefu: the credentials made at the first start are in {path}")
 
