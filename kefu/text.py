@@ -80,6 +80,19 @@ def tokenize(text: str) -> list[str]:
     >>> tokenize("运费多少? Shipping FEE")
     ['运', '费', '多', '少', '运费', '费多', '多少', 'shipping', 'fee']
     """
+    return _tokens(text, _grams)
+
+
+def _grams(run: str) -> list[str]:
+    """A CJK run's unigrams, then its bigrams."""
+    if len(run) < 2:
+        return [run]
+    return [*run, *map(operator.add, run, run[1:])]
+
+
+def _tokens(text: str, split_cjk: Callable[[str], Iterable[str]]) -> list[str]:
+    """Words lower-cased (fullwidth letters and digits folded to ASCII), each CJK run split
+    by ``split_cjk``: what both tokenizers share."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     if text.isascii():
@@ -91,9 +104,7 @@ def tokenize(text: str) -> list[str]:
         if word:
             tokens.append(word)
         else:
-            tokens.extend(run)
-            if len(run) > 1:
-                tokens.extend(map(operator.add, run, run[1:]))
+            tokens.extend(split_cjk(run))
     return tokens
 
 
@@ -135,20 +146,10 @@ def tokenize_jieba(text: str) -> list[str]:
     >>> tokenize_jieba("运费多少? Shipping FEE")
     ['运费', '多少', 'shipping', 'fee']
     """
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}")
-    if text.isascii():
-        return _ASCII_WORD.findall(text.lower())
-    cut = _load_jieba().lcut
-    if _FULLWIDTH.search(text) is not None:
-        text = text.translate(_FULLWIDTH_TO_ASCII)
-    tokens: list[str] = []
-    for word, run in _TOKEN.findall(text.lower()):
-        if word:
-            tokens.append(word)
-        else:
-            tokens.extend(cut(run, HMM=False))
-    return tokens
+    if isinstance(text, str) and not text.isascii():
+        cut = _load_jieba().lcut  # TokenizerUnavailable before any work, as before
+        return _tokens(text, lambda run: cut(run, HMM=False))
+    return _tokens(text, _grams)  # no CJK run: the same tokens (and the same TypeError)
 
 
 def get_tokenizer(name: str) -> Callable[[str], list[str]]:
