@@ -107,7 +107,10 @@ replayed seqs: ``from_seq`` is always ``last_seq + 1`` and ``to_seq`` the last s
 ``to_seq`` is always the client's new position. With nothing missed the range is empty:
 ``from_seq = last_seq + 1``, ``to_seq = last_seq``. The replay and the registration of the
 connection happen in one step without an await, so a message acked meanwhile is pushed live
-after the ``resumed`` and none is lost or sent twice. A visitor's connection is then told where
+after the ``resumed`` and none is lost or sent twice. The replay stops before the first message
+still in flight (its seq taken, its write not yet answered: ``_inflight``), even when its batch
+is already in RocksDB: that message is pushed live to the connection once its write is
+answered, and replaying it too would deliver it twice. A visitor's connection is then told where
 its conversation stands, ``queued {position}`` or ``assigned {agent}``: the frame sent when that
 happened may have reached no connection (the page opened after the create call, a reload).
 
@@ -473,6 +476,9 @@ class Node:
         self.started_at = 0.0
         self.expired_total = 0
         self.messages_total = 0
+        # Conversations with messages between seq and delivery: conv -> [the lowest such seq,
+        # how many]. Bounded by the store's pending limit; entries go when they land.
+        self._inflight: dict[int, list[int]] = {}
         self._id_prefix = os.urandom(8).hex()
         self._id_counter = 0
         self.duplicates_total = 0
@@ -1941,7 +1947,15 @@ class Node:
         t_sync = time.perf_counter_ns() - t0
         w0 = time.perf_counter()
         received = conn.received_ns if conn is not None else 0
-        await fut
+        flight = self._inflight.get(conv)
+        if flight is None:
+            self._inflight[conv] = [seq, 1]
+        else:
+            flight[1] += 1
+        try:
+            await fut
+        finally:
+            self._landed(conv, seq)  # no await from here to the fan-out (module doc, "Resume")
         t1 = time.perf_counter_ns()
         self._m_persist.observe(time.perf_counter() - w0)
         if received:
@@ -1958,6 +1972,18 @@ class Node:
             self._m_received_delivered.observe((t2 - received) / 1e9)
         self._charge(conv, t_sync + t2 - t1)
         return out
+
+    def _landed(self, conv: int, seq: int) -> None:
+        """``seq``'s write was answered: later resumes may replay it. Writes of a conversation
+        are answered in seq order (one FIFO group commit)."""
+        flight = self._inflight.get(conv)
+        if flight is None:
+            return
+        flight[1] -= 1
+        if flight[1] <= 0:
+            del self._inflight[conv]
+        else:
+            flight[0] = max(flight[0], seq + 1)
 
     def _message_id(self) -> str:
         """A message id unique across nodes and restarts: 64 random bits drawn at start, then
@@ -2037,8 +2063,12 @@ class Node:
             conn.send(Resumed(conv=conv_hex, recovered=False))
             return
         to_seq = last
-        if missed:
-            for m in self.hub.missed(state.id, last, missed, self._read_missed(state.id)):
+        # Up to the last message delivered live: one still in flight reaches this connection
+        # live once its write is answered (module doc, "Resume").
+        flight = self._inflight.get(state.id)
+        replay = (flight[0] - 1 if flight is not None else state.top_seq) - last
+        if replay > 0:
+            for m in self.hub.missed(state.id, last, replay, self._read_missed(state.id)):
                 conn.send(m)
                 to_seq = m.seq
         conn.send(Resumed(conv=conv_hex, from_seq=last + 1, to_seq=to_seq))

@@ -327,3 +327,55 @@ def test_close_and_queue(tmp_path: Path) -> None:
             await node.stop()
 
     run(body)
+
+
+def test_resume_during_a_write_delivers_the_message_once(tmp_path: Path) -> None:
+    """A message whose batch is in RocksDB but whose write is not answered yet: a connection
+    resuming in that window must get it once (live, after ``resumed``), not replayed from the
+    store and then pushed again."""
+
+    async def body() -> None:
+        node = Node(make_config(tmp_path))
+        await node.start()
+        try:
+            agent, visitor, conv = await chat_with_agent(node)
+            assert (await say(visitor, conv, "m1", "first"))["seq"] == 1
+            assert (await recv(agent, "msg"))["seq"] == 1
+            # Hold the answers of the writes: the batch is written, its futures wait.
+            writer = node.store.writer
+            real_ack = writer._ack
+            held: list[Any] = []
+            writer._ack = lambda entries: held.append(entries)  # type: ignore[method-assign]
+            await send(visitor, type="send", conv=conv, client_msg_id="m2", text="second")
+            for _ in range(200):
+                if held:
+                    break
+                await asyncio.sleep(0.01)
+            assert held, "the write of m2 was not attempted"
+            stored, _ = node.store.history(node._session(conv).id, 1, 10)
+            assert [m.seq for m in stored] == [2]  # in RocksDB already
+            # No ring for the conversation (as after a restart, or evicted): the replay reads
+            # the store, where m2 already is.
+            node.hub._rings.clear()
+            # A second agent connection resumes from seq 1 in that window.
+            again, _ = await hello(
+                node, AGENT_TOKEN, resume=[{"conv": conv, "epoch": 1, "last_seq": 1}]
+            )
+            resumed = await recv(again, "resumed")
+            assert (resumed["from_seq"], resumed["to_seq"]) == (2, 1)  # nothing replayed yet
+            writer._ack = real_ack  # type: ignore[method-assign]
+            for entries in held:
+                real_ack(entries)
+            got = await recv(again, "msg")
+            assert (got["seq"], got["text"]) == (2, "second")
+            assert (await recv(visitor, "ack"))["seq"] == 2  # m2's ack, held until now
+            # Exactly once: the next frame of that connection is a later message.
+            assert (await say(visitor, conv, "m3", "third"))["seq"] == 3
+            assert (await recv(again, "msg"))["seq"] == 3
+            assert node._inflight == {}
+            for ws in (again, agent, visitor):
+                await ws.close()
+        finally:
+            await node.stop()
+
+    run(body)
