@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, sync_playwright
 
+from tests.e2e.conftest import Spawn, spawn  # noqa: F401 (spawn: a fixture used here)
 from tests.e2e.harness import (
     FAST_RATE,
     REPO_ROOT,
@@ -113,30 +114,22 @@ def browser_config(**overrides: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
-    servers: list[ServerProcess] = []
+def server_factory(spawn: Spawn, tmp_path: Path) -> ServerFactory:  # noqa: F811
+    """:func:`tests.e2e.conftest.spawn` with :func:`browser_config`; ``kb_yaml`` is written to
+    ``kb-N.yaml`` in the test's directory (the server's ``bot.kb``)."""
+    made = 0
 
     def start(*, kb_yaml: str | None = None, **overrides: Any) -> ServerProcess:
-        workdir = tmp_path / f"server{len(servers)}"
-        workdir.mkdir()
+        nonlocal made
         cfg = browser_config(**overrides)
         if kb_yaml is not None:
-            kb = workdir / "kb.yaml"
+            made += 1
+            kb = tmp_path / f"kb-{made}.yaml"
             kb.write_text(kb_yaml, encoding="utf-8")
-            bot = dict(cfg.get("bot") or {})
-            bot.setdefault("enabled", True)
-            bot["kb"] = [str(kb)]
-            cfg["bot"] = bot
-        server = ServerProcess(workdir, cfg)
-        servers.append(server)
-        server.start()
-        return server
+            cfg["bot"] = {**(cfg.get("bot") or {}), "enabled": True, "kb": [str(kb)]}
+        return spawn(cfg)
 
-    try:
-        yield start
-    finally:
-        for server in servers:
-            server.close()
+    return start
 
 
 @pytest.fixture

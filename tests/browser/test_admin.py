@@ -174,10 +174,11 @@ def test_admin_broken_knowledge_base_shows_the_error(
     page = new_page()
     login(page, server)
     expect(page.locator("#kb-entries")).to_have_text("1", timeout=TIMEOUT)
-    (server.workdir / "kb.yaml").write_text("entries:\n  - id: [unclosed\n", encoding="utf-8")
+    kb_file = Path(server.cfg["bot"]["kb"][0])
+    kb_file.write_text("entries:\n  - id: [unclosed\n", encoding="utf-8")
     page.get_by_role("button", name="Reload").click()
     error = page.locator("#kb-error")
-    expect(error).to_contain_text("kb.yaml", timeout=TIMEOUT)
+    expect(error).to_contain_text(kb_file.name, timeout=TIMEOUT)
     status, body = rest(server, "POST", "/v1/admin/kb/reload")
     assert status == 422 and body["error"]["code"] == "invalid_kb"
     # The node keeps the knowledge base it had.
