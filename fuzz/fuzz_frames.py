@@ -25,18 +25,11 @@ with atheris.instrument_imports(include=["kefu", "fuzz"]):
 
     from fuzz.invariants import (
         SEED_FRAMES,
-        Pick,
         check_frame,
+        fdp_pick,
         mutate_bytes,
         mutate_frame,
     )
-
-
-def _pick(fdp: atheris.FuzzedDataProvider) -> Pick:
-    def pick(n: int) -> int:
-        return fdp.ConsumeIntInRange(0, n - 1) if n > 1 else 0
-
-    return pick
 
 
 def test_one_input(data: bytes) -> None:
@@ -50,7 +43,7 @@ def test_one_input(data: bytes) -> None:
         else:
             check_frame(raw, msgpack=msgpack)
         return
-    pick = _pick(fdp)
+    pick = fdp_pick(fdp)
     seed = SEED_FRAMES[pick(len(SEED_FRAMES))]
     frame = mutate_frame(seed, pick, pick(5))
     encoded = msgspec.msgpack.encode(frame) if msgpack else msgspec.json.encode(frame)

@@ -22,7 +22,7 @@ import atheris
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 with atheris.instrument_imports(include=["kefu", "fuzz"]):
-    from fuzz.invariants import SEED_KB, Pick, check_kb, mutate_kb
+    from fuzz.invariants import SEED_KB, check_kb, fdp_pick, mutate_kb
     from kefu.bot.kb import sample_kb_path
 
 with open(sample_kb_path(), encoding="utf-8") as _f:
@@ -32,20 +32,13 @@ _DIR = tempfile.TemporaryDirectory(prefix="kefu-fuzz-kb-")
 PATH = os.path.join(_DIR.name, "kb.yaml")
 
 
-def _pick(fdp: atheris.FuzzedDataProvider) -> Pick:
-    def pick(n: int) -> int:
-        return fdp.ConsumeIntInRange(0, n - 1) if n > 1 else 0
-
-    return pick
-
-
 def test_one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
     mode = fdp.ConsumeIntInRange(0, 7)
     if mode < 3:
         raw = fdp.ConsumeBytes(atheris.ALL_REMAINING)
     else:
-        pick = _pick(fdp)
+        pick = fdp_pick(fdp)
         # shop.yaml takes ten times longer to load than the small seed: one input in eight.
         seed = SHOP_KB if mode == 7 else SEED_KB
         raw = mutate_kb(seed, pick, 1 + pick(6)).encode("utf-8", "surrogatepass")

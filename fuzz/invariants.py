@@ -163,10 +163,14 @@ def check_error(err: ProtocolError) -> None:
 _LOCATION: Final = re.compile(r"(?P<file>[^:\n]+):(?P<line>[0-9]+): \S")
 
 
+_YAML_BREAK: Final = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
+
+
 def check_kb(path: str) -> KnowledgeBase | KbError:
     """Load the knowledge-base file ``path`` and check the invariants (module doc)."""
     with open(path, "rb") as f:
-        lines = f.read().count(b"\n") + 1
+        # Lines as YAML counts them: \r\n, \r, \n, NEL, LS and PS all end a line.
+        lines = len(_YAML_BREAK.findall(f.read().decode("utf-8", "replace"))) + 1
     try:
         kb = load_knowledge_base([path])
     except KbError as err:
@@ -193,6 +197,15 @@ def check_kb(path: str) -> KnowledgeBase | KbError:
 # Mutators
 
 Pick = Callable[[int], int]
+
+
+def fdp_pick(fdp: Any) -> Pick:
+    """A :data:`Pick` drawing from an ``atheris.FuzzedDataProvider``."""
+
+    def pick(n: int) -> int:
+        return int(fdp.ConsumeIntInRange(0, n - 1)) if n > 1 else 0
+
+    return pick
 
 
 def _value(pick: Pick) -> Any:

@@ -24,8 +24,8 @@ from kefu.config import AgentConfig, BotConfig, Config, HttpConfig, WsConfig
 from kefu.node import AGENT_REVOKED_MAX, Node
 from kefu.protocol import AGENT_SESSION_TTL_S, MAX_AGENT_SESSION_TTL_S
 from kefu.security import CLOCK_SKEW_S, TokenSigner
-from kefu.web.http import HttpServer
 from tests import aio
+from tests.test_http import serving as http_serving
 
 TIMEOUT = 30.0
 RECV_TIMEOUT = 5.0
@@ -118,19 +118,8 @@ async def still_open(ws: ClientConnection) -> None:
 
 @contextlib.asynccontextmanager
 async def serving(data_dir: Path, alice_token: str = ALICE_TOKEN) -> AsyncIterator[Harness]:
-    config = make_config(data_dir, alice_token)
-    node = Node(config)
-    await node.start()
-    server = HttpServer(config, node)
-    try:
-        await server.start()
-        timeout = aiohttp.ClientTimeout(total=RECV_TIMEOUT)
-        base = f"http://127.0.0.1:{server.port}"
-        async with aiohttp.ClientSession(base_url=base, timeout=timeout) as http:
-            yield Harness(node, http)
-    finally:
-        await server.stop()
-        await node.stop()
+    async with http_serving(data_dir, config=make_config(data_dir, alice_token)) as h:
+        yield Harness(h.node, h.http)
 
 
 def run(body: Any) -> None:

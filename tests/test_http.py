@@ -104,8 +104,12 @@ class Harness:
 
 
 @contextlib.asynccontextmanager
-async def serving(tmp_path: Path, **changes: Any) -> AsyncIterator[Harness]:
-    config = make_config(tmp_path, **changes)
+async def serving(
+    tmp_path: Path, *, config: Config | None = None, **changes: Any
+) -> AsyncIterator[Harness]:
+    """A node and its REST front on a free port; ``config`` replaces :func:`make_config`'s."""
+    if config is None:
+        config = make_config(tmp_path, **changes)
     node = Node(config)
     await node.start()
     server = HttpServer(config, node)
