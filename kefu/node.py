@@ -1917,61 +1917,89 @@ class Node:
     ) -> Msg:
         """Take the next seq, store the message, then ack ``conn`` and deliver it."""
         t0 = time.perf_counter_ns()
-        store = self.store
+        msg = self._stored(state, sender, text, client_msg_id, meta)
+        # Delivered from the store's callback, not after this await: writes are answered in
+        # order, and so deliveries stay in seq order whichever path took each send.
+        landing = _Landing(self, state, msg, conn, time.perf_counter_ns() - t0)
+        waiter: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        landing.waiter = waiter
+        try:
+            # The record is not rewritten: recovery reads top_seq and the last activity from
+            # the last message (Store.recover), which halves the keys written per message.
+            self.store.append_message_then(msg, landing.done)
+        except BaseException:
+            state.top_seq -= 1  # nothing was enqueued: give the seq back (no await since)
+            landing.grounded()
+            raise
+        return await waiter
+
+    def on_send_nowait(self, conn: Connection, frame: Send) -> bool:
+        """The WebSocket fast path (kefu.web.ws, "Sends without a task"): a ``send`` that needs
+        nothing awaited before its write is stored here, and ``_Landing.done`` acks and delivers
+        it from the store's completion callback. Anything else (an error to report, a
+        duplicate, a bot to ask) returns False and takes ``on_frame``'s path."""
+        key = self.hub.key_of(conn)
+        if key is None:
+            return False
+        t0 = time.perf_counter_ns()
+        role, principal = key
+        try:
+            state = self._visible(frame.conv, role, principal)
+        except KefuError:
+            return False
+        if role == "visitor" and state.status == "bot" and self.bot is not None:
+            return False
+        if not may_write(state, role, principal) or state.status == "closed":
+            return False
+        conv = state.id
+        client_msg_id = frame.client_msg_id
+        if (
+            client_msg_id is not None
+            and self._dedup
+            and self.store.get_dedup(conv, client_msg_id) is not None
+        ):
+            return False
+        try:
+            msg = self._stored(state, self._sender(key), frame.text, client_msg_id, None)
+        except KefuError:
+            return False
+        # In flight from here: a full batch is written, and ``done`` called, inside the append.
+        landing = _Landing(self, state, msg, conn, time.perf_counter_ns() - t0)
+        try:
+            self.store.append_message_then(msg, landing.done)
+        except BaseException:
+            state.top_seq -= 1  # nothing was enqueued: give the seq back
+            landing.grounded()
+            raise
+        return True
+
+    def _stored(
+        self,
+        state: ConversationState,
+        sender: Sender,
+        text: str,
+        client_msg_id: str | None,
+        meta: dict[str, object] | None,
+    ) -> StoredMessage:
+        """The next message of ``state``: its seq taken, the conversation touched."""
         conv = state.id
         self.conversations.check(conv, "send")
         now = _now_ms()
         self.conversations.touch(conv, now)
         seq = self.conversations.next_seq(conv)
-        role = sender.role
-        msg = StoredMessage(
+        return StoredMessage(
             conv=conv,
             seq=seq,
             epoch=state.epoch,
             id=self._message_id(),
             client_msg_id=client_msg_id,
-            from_role=role,
+            from_role=sender.role,
             from_id=sender.id,
             from_name=sender.name,
             text=text,
             ts=now,
             meta=meta,
         )
-        try:
-            # The record is not rewritten: recovery reads top_seq and the last activity from
-            # the last message (Store.recover), which halves the keys written per message.
-            fut = store.append_message(msg)
-        except BaseException:
-            state.top_seq -= 1  # nothing was enqueued: give the seq back (no await since)
-            raise
-        t_sync = time.perf_counter_ns() - t0
-        w0 = time.perf_counter()
-        received = conn.received_ns if conn is not None else 0
-        flight = self._inflight.get(conv)
-        if flight is None:
-            self._inflight[conv] = [seq, 1]
-        else:
-            flight[1] += 1
-        try:
-            await fut
-        finally:
-            self._landed(conv, seq)  # no await from here to the fan-out (module doc, "Resume")
-        t1 = time.perf_counter_ns()
-        self._m_persist.observe(time.perf_counter() - w0)
-        if received:
-            self._m_received_persisted.observe((t1 - received) / 1e9)
-        self.messages_total += 1
-        self._m_messages[role].inc()
-        if conn is not None and client_msg_id is not None:
-            conn.send(_ack(state, client_msg_id, seq, now, False))
-        out = _msg_frame(msg)
-        self.hub.remember(conv, out)
-        self._fan_out(state, out)
-        t2 = time.perf_counter_ns()
-        if received:
-            self._m_received_delivered.observe((t2 - received) / 1e9)
-        self._charge(conv, t_sync + t2 - t1)
-        return out
 
     def _landed(self, conv: int, seq: int) -> None:
         """``seq``'s write was answered: later resumes may replay it. Writes of a conversation
@@ -2172,6 +2200,106 @@ def _profile(state: ConversationState) -> VisitorProfile:
         user_id=state.user_id,
         metadata=meta or None,
     )
+
+
+class _Landing:
+    """One message between its write and its delivery (``Node._append``, ``on_send_nowait``).
+
+    Created when the write is enqueued: the message counts as in flight (``Node._inflight``)
+    until ``deliver``, so a resume meanwhile replays only what is before it.
+    """
+
+    __slots__ = ("conn", "msg", "node", "received", "state", "t_sync", "w0", "waiter")
+
+    def __init__(
+        self,
+        node: Node,
+        state: ConversationState,
+        msg: StoredMessage,
+        conn: Connection | None,
+        t_sync: int,
+    ) -> None:
+        self.node = node
+        self.state = state
+        self.msg = msg
+        self.conn = conn
+        self.t_sync = t_sync
+        self.received = conn.received_ns if conn is not None else 0
+        self.w0 = time.perf_counter()
+        #: ``_append``'s future; None: a send taken by ``on_send_nowait``.
+        self.waiter: asyncio.Future[Msg] | None = None
+        flight = node._inflight.get(msg.conv)
+        if flight is None:
+            node._inflight[msg.conv] = [msg.seq, 1]
+        else:
+            flight[1] += 1
+
+    def grounded(self) -> None:
+        """The write was never enqueued: no longer in flight, and nothing landed."""
+        inflight = self.node._inflight
+        flight = inflight.get(self.msg.conv)
+        if flight is not None:
+            flight[1] -= 1
+            if flight[1] <= 0:
+                del inflight[self.msg.conv]
+
+    def done(self, exc: BaseException | None) -> None:
+        """The store's answer: deliver now (no await between the write's answer and the
+        fan-out, module doc "Resume"), then wake ``_append`` or answer the fast path."""
+        node = self.node
+        waiter = self.waiter
+        if waiter is not None:
+            node._landed(self.msg.conv, self.msg.seq)
+            if waiter.done():  # the sender was cancelled; the write stands and is delivered
+                waiter = None
+            try:
+                out = self.deliver() if exc is None else None
+            except BaseException as failure:
+                exc = failure
+            if waiter is not None:
+                if exc is None:
+                    waiter.set_result(cast(Msg, out))
+                else:
+                    waiter.set_exception(exc)
+            elif exc is not None:
+                log.error("a cancelled send's delivery failed: %r", exc)
+            return
+        conn = cast("Connection", self.conn)
+        try:
+            node._landed(self.msg.conv, self.msg.seq)
+            if exc is None:
+                self.deliver()
+            elif isinstance(exc, KefuError):
+                conn.send(Error(code=exc.code, message=str(exc), ref=self.msg.client_msg_id))
+            else:
+                log.error("conn %s: a send's write failed: %r", conn.id, exc)
+                conn.send(Error(code="internal", message="internal error", ref="send"))
+        finally:
+            conn.frame_done()
+
+    def deliver(self) -> Msg:
+        """The write is durable: count it, ack the sender, deliver it to every participant."""
+        node = self.node
+        msg = self.msg
+        state = self.state
+        conn = self.conn
+        t1 = time.perf_counter_ns()
+        node._m_persist.observe(time.perf_counter() - self.w0)
+        received = self.received
+        if received:
+            node._m_received_persisted.observe((t1 - received) / 1e9)
+        node.messages_total += 1
+        node._m_messages[msg.from_role].inc()
+        if conn is not None and msg.client_msg_id is not None:
+            conn.send(_ack(state, msg.client_msg_id, msg.seq, msg.ts, False))
+        out = _msg_frame(msg)
+        node.hub.remember(msg.conv, out)
+        node._fan_out(state, out)
+        t2 = time.perf_counter_ns()
+        if received:
+            node._m_received_delivered.observe((t2 - received) / 1e9)
+        node._charge(msg.conv, self.t_sync + t2 - t1)
+        return out
 
 
 def _ack(state: ConversationState, client_msg_id: str, seq: int, ts: int, dup: bool) -> Ack:

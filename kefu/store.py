@@ -95,6 +95,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import re
 import secrets
 import struct
@@ -118,6 +119,8 @@ from rocksdict import (
 
 from kefu._core import mq
 from kefu.errors import KefuError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "HISTORY_MAX_LIMIT",
@@ -349,6 +352,8 @@ def _message_range_end(conv: int) -> bytes:
 # Writer
 
 Op = tuple[bytes, bytes | None]  # (key, value); value None deletes the key
+#: A write's completion callback: None once durable, else the error that settles it.
+Done = Callable[[BaseException | None], None]
 
 
 class _Entry:
@@ -357,7 +362,12 @@ class _Entry:
     __slots__ = ("future", "messages", "nbytes", "ops", "serial")
 
     def __init__(
-        self, ops: list[Op], nbytes: int, messages: int, future: asyncio.Future[None], serial: int
+        self,
+        ops: list[Op],
+        nbytes: int,
+        messages: int,
+        future: asyncio.Future[None] | Done,
+        serial: int,
     ) -> None:
         self.ops = ops
         self.nbytes = nbytes
@@ -366,7 +376,13 @@ class _Entry:
         self.serial = serial
 
 
-def _resolve(future: asyncio.Future[None], exc: BaseException | None) -> None:
+def _resolve(future: asyncio.Future[None] | Done, exc: BaseException | None) -> None:
+    if not isinstance(future, asyncio.Future):
+        try:
+            future(exc)
+        except Exception:
+            log.exception("a write's completion callback failed")
+        return
     if future.done():  # the waiter was cancelled; the write itself stands
         return
     try:
@@ -476,6 +492,15 @@ class GroupCommitWriter:
 
     def submit(self, ops: list[Op], *, messages: int = 0) -> asyncio.Future[None]:
         """Enqueue ``ops`` as one entry; the future resolves once they are durable."""
+        future: asyncio.Future[None] = self._enter(ops, messages, None)
+        return future
+
+    def submit_then(self, ops: list[Op], done: Done, *, messages: int = 0) -> None:
+        """Enqueue ``ops`` as one entry; ``done(None)`` is called once they are durable, or
+        ``done(error)`` if they cannot be. No future: the per-message path (kefu.node)."""
+        self._enter(ops, messages, done)
+
+    def _enter(self, ops: list[Op], messages: int, done: Done | None) -> Any:
         if self._failure is not None:
             raise StoreUnavailable(f"an earlier write failed: {self._failure!r}") from (
                 self._failure
@@ -506,7 +531,8 @@ class GroupCommitWriter:
                 f"{self.unacked_count} writes ({self.unacked_bytes} bytes) are not yet durable"
             )
         self._serial += 1
-        entry = _Entry(ops, nbytes, messages, loop.create_future(), self._serial)
+        waiter = loop.create_future() if done is None else done
+        entry = _Entry(ops, nbytes, messages, waiter, self._serial)
         if not self._pending.put(entry, nbytes):  # only if the queue's bounds were lowered
             self.busy_rejections += 1
             raise StoreBusy("the pending queue is full")
@@ -525,7 +551,7 @@ class GroupCommitWriter:
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._on_tick)
-        return entry.future
+        return waiter
 
     # -- write ---------------------------------------------------------------------------------
 
@@ -673,6 +699,18 @@ class GroupCommitWriter:
                 self._ack(entries + queued)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+
+
+def _message_ops(msg: StoredMessage) -> list[Op]:
+    """The message's key and, with a ``client_msg_id``, its dedup key."""
+    if msg.seq < 1:
+        raise ValueError(f"seq starts at 1, got {msg.seq}")
+    if msg.from_role not in MESSAGE_ROLES:
+        raise ValueError(f"from_role must be one of {sorted(MESSAGE_ROLES)}")
+    ops: list[Op] = [(message_key(msg.conv, msg.seq), _ENCODE(msg))]
+    if msg.client_msg_id is not None:
+        ops.append((dedup_key(msg.conv, msg.client_msg_id), _U64.pack(msg.seq)))
+    return ops
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1009,18 +1047,17 @@ class Store:
         All of it lands in one batch; the future resolves once that batch is durable.
         Raises StoreBusy, StoreUnavailable, or ValueError on a malformed message.
         """
-        if msg.seq < 1:
-            raise ValueError(f"seq starts at 1, got {msg.seq}")
-        if msg.from_role not in MESSAGE_ROLES:
-            raise ValueError(f"from_role must be one of {sorted(MESSAGE_ROLES)}")
-        ops: list[Op] = [(message_key(msg.conv, msg.seq), _ENCODE(msg))]
-        if msg.client_msg_id is not None:
-            ops.append((dedup_key(msg.conv, msg.client_msg_id), _U64.pack(msg.seq)))
+        ops = _message_ops(msg)
         if conv is not None:
             if conv.id != msg.conv:
                 raise ValueError(f"message of {msg.conv} with the record of {conv.id}")
             ops.extend(self._conversation_ops(conv))
         return self.writer.submit(ops, messages=1)
+
+    def append_message_then(self, msg: StoredMessage, done: Done) -> None:
+        """``append_message`` without a future: ``done(None)`` once durable, ``done(error)``
+        if the write fails. Raises as ``append_message`` does, and then never calls ``done``."""
+        self.writer.submit_then(_message_ops(msg), done, messages=1)
 
     def put_conversation(self, conv: StoredConversation) -> asyncio.Future[None]:
         """Enqueue ``conv``'s record with its ``o`` and ``u`` index keys."""

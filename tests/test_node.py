@@ -379,3 +379,78 @@ def test_resume_during_a_write_delivers_the_message_once(tmp_path: Path) -> None
             await node.stop()
 
     run(body)
+
+
+def test_sends_of_both_paths_in_one_batch_are_delivered_in_seq_order(tmp_path: Path) -> None:
+    """A send over REST (awaited) and one over the WebSocket (taken without a task) answered by
+    the same write: every participant gets them in seq order, whichever path took each."""
+
+    async def body() -> None:
+        node = Node(make_config(tmp_path))
+        await node.start()
+        try:
+            agent, visitor, conv = await chat_with_agent(node)
+            writer = node.store.writer
+            real_ack = writer._ack
+            held: list[Any] = []
+            writer._ack = lambda entries: held.append(entries)  # type: ignore[method-assign]
+            rest = asyncio.create_task(node.send_message(conv, "over rest", "r1"))
+            for _ in range(200):
+                if held:
+                    break
+                await asyncio.sleep(0.01)
+            await send(agent, type="send", conv=conv, client_msg_id="a1", text="over ws")
+            for _ in range(200):
+                if sum(len(entries) for entries in held) >= 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert sum(len(entries) for entries in held) == 2, held
+            writer._ack = real_ack  # type: ignore[method-assign]
+            for entries in held:
+                real_ack(entries)
+            assert (await rest).seq == 1
+            assert [(await recv(visitor, "msg"))["seq"] for _ in range(2)] == [1, 2]
+            got = [await recv(agent) for _ in range(3)]
+            assert [(f["type"], f["seq"]) for f in got] == [("msg", 1), ("ack", 2), ("msg", 2)]
+            assert node._inflight == {}
+            for ws in (agent, visitor):
+                await ws.close()
+        finally:
+            await node.stop()
+
+    run(body)
+
+
+def test_a_send_that_cannot_be_written_is_answered_with_an_error(tmp_path: Path) -> None:
+    """The store refuses the write of a WebSocket send (here: it failed earlier): the sender
+    gets ``error`` with its ``client_msg_id``, nothing is delivered, the connection goes on."""
+
+    async def body() -> None:
+        node = Node(make_config(tmp_path))
+        await node.start()
+        try:
+            agent, visitor, conv = await chat_with_agent(node)
+            assert (await say(visitor, conv, "m1", "first"))["seq"] == 1
+            assert (await recv(agent, "msg"))["seq"] == 1
+            assert (await recv(visitor, "msg"))["seq"] == 1
+            writer = node.store.writer
+            real_write = writer._write_batch
+
+            def broken(*args: Any) -> None:
+                raise OSError("disk gone")
+
+            writer._write_batch = broken  # type: ignore[method-assign]
+            await send(visitor, type="send", conv=conv, client_msg_id="m2", text="lost")
+            error = await recv(visitor)
+            assert error["type"] == "error" and error["ref"] == "m2", error
+            assert error["code"] == "unavailable", error
+            await send(visitor, type="ping")
+            assert (await recv(visitor))["type"] == "pong"
+            writer._write_batch = real_write  # type: ignore[method-assign]
+            assert node._inflight == {}
+            for ws in (agent, visitor):
+                await ws.close()
+        finally:
+            await node.stop()
+
+    run(body)
