@@ -53,6 +53,12 @@ def _build_parser() -> argparse.ArgumentParser:
         type=int,
         help="WebSocket port, 0 for any free one (default: 8081)",
     )
+    serve.add_argument(
+        "--cluster",
+        metavar="URL",
+        help="join the cluster of nodes sharing this Redis (redis://host:port/db); "
+        "default: none, a single node",
+    )
     serve.add_argument("--tls-cert", metavar="FILE", help="TLS certificate chain (PEM)")
     serve.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM)")
     serve.add_argument(
@@ -91,6 +97,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     # overrides_from_cli knows only the options above; these take the same dotted keys.
     for key, value in (
+        ("cluster.redis_url", args.cluster),
         ("tls.cert", args.tls_cert),
         ("tls.key", args.tls_key),
         ("log_level", args.log_level),

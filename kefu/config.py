@@ -334,8 +334,21 @@ class TlsConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     key: FilePath | None = None
 
 
+NodeId: TypeAlias = Annotated[
+    str, Meta(pattern="^[A-Za-z0-9_-]{1,64}" + PATTERN_END, description="letters, digits, - and _")
+]
+KeyPrefix: TypeAlias = Annotated[
+    str, Meta(pattern="^[A-Za-z0-9_:.-]{1,32}" + PATTERN_END, description="a Redis key prefix")
+]
+
+
 class ClusterConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     redis_url: RedisUrl | None = None
+    node_id: NodeId | None = None
+    key_prefix: KeyPrefix = "kefu:"
+    heartbeat_s: Annotated[float, Meta(ge=0.05, le=60)] = 1.0
+    node_timeout_s: Annotated[float, Meta(ge=0.2, le=600)] = 5.0
+    request_timeout_s: Annotated[float, Meta(ge=0.05, le=60)] = 2.0
 
 
 class RoutingConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -407,6 +420,14 @@ class Config(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
                 "`bot.llm.model` is required when `bot.llm.base_url` is set",
                 "bot.llm.model",
                 "bot.llm.base_url",
+            )
+        cluster = self.cluster
+        if cluster.heartbeat_s >= cluster.node_timeout_s:
+            raise _CrossFieldError(
+                f"`cluster.heartbeat_s` ({cluster.heartbeat_s}) must be below "
+                f"`cluster.node_timeout_s` ({cluster.node_timeout_s})",
+                "cluster.heartbeat_s",
+                "cluster.node_timeout_s",
             )
         if (self.tls.cert is None) != (self.tls.key is None):
             raise _CrossFieldError(

@@ -175,7 +175,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sized
 from pathlib import Path
-from typing import Final, Literal, NamedTuple, cast
+from typing import TYPE_CHECKING, Final, Literal, NamedTuple, cast
 
 import msgspec
 
@@ -285,6 +285,9 @@ from kefu.store import (
 )
 from kefu.web.ratelimit import Limits
 from kefu.web.ws import AuthError, Connection, WsServer
+
+if TYPE_CHECKING:
+    from kefu.cluster.member import Member
 
 __all__ = [
     "EXPIRE_BATCH",
@@ -479,6 +482,8 @@ class Node:
         # Conversations with messages between seq and delivery: conv -> [the lowest such seq,
         # how many]. Bounded by the store's pending limit; entries go when they land.
         self._inflight: dict[int, list[int]] = {}
+        #: The node's place in a cluster (``cluster.redis_url``); None: a single node.
+        self.member: Member | None = None
         self._id_prefix = os.urandom(8).hex()
         self._id_counter = 0
         self.duplicates_total = 0
@@ -565,6 +570,14 @@ class Node:
             if secret is None:
                 secret = new_secret().encode()
                 await store.put_meta(SECRET_META, secret)
+            if cfg.cluster.redis_url is not None:
+                from kefu.cluster.member import Member
+
+                self.member = Member(cfg.cluster, store)
+                await self.member.start(ws_url=cfg.ws.public_url, http_url=None)
+                # Every node signs with the cluster's secret: a token one node gave out opens
+                # the conversation on any other.
+                secret = await self.member.shared_secret(secret)
             self._signer = TokenSigner(secret)
             self._tag_key = credential_tag_key(secret)
             for known in self.pool:
@@ -580,6 +593,9 @@ class Node:
             await self.ws.start()
         except BaseException:
             await self._stop_bot()
+            if self.member is not None:
+                await self.member.stop()
+                self.member = None
             store.close()
             self._store = None
             raise
@@ -653,6 +669,9 @@ class Node:
             await self.ws.stop()
             self.ws = None
         await self._stop_bot()
+        if self.member is not None:
+            await self.member.stop()
+            self.member = None
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -1119,7 +1138,8 @@ class Node:
         meta: dict[str, object] = dict(metadata or {})
         if name is not None:
             meta["name"] = name
-        conv_id = store.new_conversation_id()
+        member = self.member
+        conv_id = store.new_conversation_id(None if member is None else member.new_conversation_id)
         state, created = self.conversations.create(
             "v" + uuid.uuid4().hex[:16], user_id, now, conv_id, metadata=meta
         )
@@ -1243,6 +1263,10 @@ class Node:
         checks["store"] = "ok" if store is not None and store.healthy else "unavailable"
         checks["ws"] = "ok" if self.ws is not None else "unavailable"
         ok = all(v == "ok" for v in checks.values())
+        if self.member is not None:
+            # Reported, but the node stays ok without Redis: it serves what is local
+            # (kefu.cluster, "Redis down").
+            checks["redis"] = self.member.health()
         uptime = time.monotonic() - self.started_at if self.started_at else 0.0
         return Health(
             status="ok" if ok else "unavailable",
@@ -1346,6 +1370,10 @@ class Node:
             "kefu_message_duplicates_total", "Sends answered as duplicates of a client_msg_id."
         )
         reg.register_collector(self._collect_node, name="node")
+        reg.register_collector(
+            lambda: [] if self.member is None else self.member.collect(),
+            name="cluster",
+        )
         reg.register_collector(self._collect_sessions, name="sessions")
         # One collector per component: a failing one loses only its own families.
         reg.register_collector(

@@ -1025,14 +1025,15 @@ class Store:
                 conv.updated_ts = max(conv.updated_ts, last.ts)
             yield conv
 
-    def new_conversation_id(self) -> int:
-        """A random nonzero 63-bit id no stored or queued conversation has.
+    def new_conversation_id(self, draw: Callable[[], int] | None = None) -> int:
+        """A random nonzero 63-bit id no stored or queued conversation has (``draw()`` makes
+        the candidates when given: a cluster node's carry its index).
 
         Enqueue the conversation (:meth:`put_conversation`) before the next await, so that no
         other caller can draw the same id meanwhile.
         """
         for _ in range(32):
-            conv = secrets.randbits(63)
+            conv = secrets.randbits(63) if draw is None else draw()
             if conv and self._get(conversation_key(conv)) is None:
                 return conv
         raise StoreError("no unused conversation id in 32 draws")

@@ -1,0 +1,1 @@
+"""Cluster mode: several nodes cooperating through one Redis (presence, routing, links)."""

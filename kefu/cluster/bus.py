@@ -1,0 +1,311 @@
+"""Node-to-node calls and events over Redis Pub/Sub.
+
+Each node listens on one channel, ``{prefix}n:{node_id}``. What goes over it is a MessagePack
+:class:`Envelope`: a **request** (``kind``, a body, a request id) answered by a **reply** on the
+caller's channel, or an **event** that expects no answer.
+
+Pub/Sub delivers at most once: a request or its reply may be lost (the receiving node is
+restarting, Redis restarted, the subscriber's connection was cut). The caller then gets
+:class:`~kefu.cluster.link.ClusterUnavailable` after ``timeout_s`` and never a wrong answer, so
+every request the node makes is one whose retry is harmless: a send carries its
+``client_msg_id`` (the owner answers a retry with the first seq, ``dup: true``), a watch or a
+history read is idempotent. Events are a fast path whose loss the receiver repairs
+(``kefu.cluster`` package doc).
+
+Bounds
+------
+==========================  =====================  ========================================
+what                        limit                  when full
+==========================  =====================  ========================================
+requests awaiting a reply   ``max_pending``        ``request`` raises ClusterUnavailable
+requests being handled      ``max_handling``       the request is answered ``busy`` at once
+one envelope                ``MAX_ENVELOPE_BYTES`` ``request``/``tell`` raise ValueError; a
+                                                   bigger one received is dropped (counted)
+==========================  =====================  ========================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Final
+
+import msgspec
+
+from kefu.cluster.link import ClusterUnavailable, Link
+from kefu.errors import KefuError
+
+__all__ = ["MAX_ENVELOPE_BYTES", "Bus", "Envelope", "RemoteError"]
+
+log = logging.getLogger(__name__)
+
+MAX_ENVELOPE_BYTES: Final = 1 << 20
+REQUEST: Final = 0
+REPLY: Final = 1
+EVENT: Final = 2
+
+Handler = Callable[[str, Any], Awaitable[Any]]
+EventHandler = Callable[[str, Any], None]
+
+
+class Envelope(msgspec.Struct, array_like=True, frozen=True):
+    """One message between nodes: ``t`` REQUEST/REPLY/EVENT, ``k`` the kind, ``i`` the request
+    id (0 for events), ``f`` the sender's node id, ``b`` the body, ``e`` an error reply's
+    ``(code, message)``."""
+
+    t: int
+    k: str
+    i: int
+    f: str
+    b: Any = None
+    e: tuple[str, str] | None = None
+
+
+class RemoteError(KefuError):
+    """The other node refused the request: its error code and message, as it gave them."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_ENCODE = msgspec.msgpack.Encoder().encode
+_DECODE = msgspec.msgpack.Decoder(Envelope).decode
+
+
+class Bus:
+    """Requests, replies and events between the nodes of one cluster (module doc).
+
+    Counters: ``requests_total``, ``replies_total``, ``timeouts_total``, ``events_in``,
+    ``events_out``, ``dropped_total`` (undecodable or oversized), ``busy_total``.
+    """
+
+    def __init__(
+        self,
+        link: Link,
+        *,
+        timeout_s: float = 2.0,
+        max_pending: int = 10_000,
+        max_handling: int = 1_000,
+    ) -> None:
+        self.link = link
+        self.timeout_s = timeout_s
+        self.max_pending = max_pending
+        self.max_handling = max_handling
+        self._handlers: dict[str, Handler] = {}
+        self._events: dict[str, EventHandler] = {}
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._ids = itertools.count(1)
+        self._handling = 0
+        self._pubsub: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.requests_total = 0
+        self.replies_total = 0
+        self.timeouts_total = 0
+        self.events_in = 0
+        self.events_out = 0
+        self.dropped_total = 0
+        self.busy_total = 0
+        self.subscribed = asyncio.Event()
+
+    def channel(self, node: str) -> str:
+        return self.link.key("n", node)
+
+    def on_request(self, kind: str, handler: Handler) -> None:
+        """``await handler(from_node, body)`` answers requests of ``kind``: its return value
+        is the reply's body, a KefuError it raises the reply's error."""
+        self._handlers[kind] = handler
+
+    def on_event(self, kind: str, handler: EventHandler) -> None:
+        """``handler(from_node, body)`` takes events of ``kind`` (synchronous: in arrival
+        order, nothing awaited between two events)."""
+        self._events[kind] = handler
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    # -- life ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._listen())
+        try:
+            await asyncio.wait_for(self.subscribed.wait(), self.timeout_s * 2)
+        except asyncio.TimeoutError:
+            raise ClusterUnavailable("could not subscribe to the node's channel") from None
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for t in list(self._tasks):
+            t.cancel()
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ClusterUnavailable("the node is stopping"))
+        self._pending.clear()
+
+    # -- sending -------------------------------------------------------------------------------
+
+    async def request(self, node: str, kind: str, body: Any) -> Any:
+        """Ask ``node``; the reply's body. Raises RemoteError with the other node's code, or
+        ClusterUnavailable when Redis or the node does not answer within ``timeout_s``."""
+        if len(self._pending) >= self.max_pending:
+            raise ClusterUnavailable(f"{self.max_pending} requests to other nodes are pending")
+        rid = next(self._ids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            data = _ENCODE(Envelope(REQUEST, kind, rid, self.link.node_id, body))
+            if len(data) > MAX_ENVELOPE_BYTES:
+                raise ValueError(f"a request of {len(data)} bytes is over {MAX_ENVELOPE_BYTES}")
+            self.requests_total += 1
+            receivers = await self.link.call(lambda r: r.publish(self.channel(node), data))
+            if not receivers:
+                raise ClusterUnavailable(f"node {node} is not listening")
+            try:
+                return await asyncio.wait_for(fut, self.timeout_s)
+            except asyncio.TimeoutError:
+                self.timeouts_total += 1
+                raise ClusterUnavailable(f"node {node} did not answer {kind}") from None
+        finally:
+            self._pending.pop(rid, None)
+
+    async def tell(self, node: str, kind: str, body: Any) -> bool:
+        """Send an event; True when a node was listening (not that it was handled)."""
+        data = _ENCODE(Envelope(EVENT, kind, 0, self.link.node_id, body))
+        if len(data) > MAX_ENVELOPE_BYTES:
+            raise ValueError(f"an event of {len(data)} bytes is over {MAX_ENVELOPE_BYTES}")
+        self.events_out += 1
+        receivers = await self.link.call(lambda r: r.publish(self.channel(node), data))
+        return bool(receivers)
+
+    async def _reply(self, to: str, env: Envelope) -> None:
+        data = _ENCODE(env)
+        with contextlib.suppress(ClusterUnavailable):  # the caller times out and retries
+            await self.link.call(lambda r: r.publish(self.channel(to), data))
+        self.replies_total += 1
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        """Subscribe, then read for as long as the node runs; resubscribe after a cut."""
+        errors: tuple[type[Exception], ...] = (ClusterUnavailable, *self.link._errors)
+        channel = self.channel(self.link.node_id)
+        while True:
+            try:
+                self._pubsub = self.link.redis.pubsub(ignore_subscribe_messages=True)
+                await self._pubsub.subscribe(channel)
+                self.subscribed.set()
+                while True:
+                    message = await self._pubsub.get_message(timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        self._received(message["data"])
+            except asyncio.CancelledError:
+                await self._close_pubsub()
+                raise
+            except errors as exc:
+                self.subscribed.clear()
+                self.link._failed(exc)
+                await self._close_pubsub()
+                await asyncio.sleep(self.link.heartbeat_s)
+            except Exception:
+                log.exception("cluster bus: the listener failed; subscribing again")
+                self.subscribed.clear()
+                await self._close_pubsub()
+                await asyncio.sleep(self.link.heartbeat_s)
+
+    async def _close_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(Exception):  # already broken
+                await pubsub.aclose()
+
+    def _received(self, data: bytes) -> None:
+        if len(data) > MAX_ENVELOPE_BYTES:
+            self.dropped_total += 1
+            return
+        try:
+            env = _DECODE(data)
+        except msgspec.DecodeError:
+            self.dropped_total += 1
+            return
+        if env.t == REPLY:
+            fut = self._pending.get(env.i)
+            if fut is not None and not fut.done():
+                if env.e is None:
+                    fut.set_result(env.b)
+                else:
+                    fut.set_exception(RemoteError(*env.e))
+        elif env.t == EVENT:
+            self.events_in += 1
+            handler = self._events.get(env.k)
+            if handler is None:
+                self.dropped_total += 1
+                return
+            try:
+                handler(env.f, env.b)
+            except Exception:
+                log.exception("cluster bus: event %s from %s failed", env.k, env.f)
+        elif env.t == REQUEST:
+            if self._handling >= self.max_handling:
+                self.busy_total += 1
+                self._spawn(
+                    self._reply(
+                        env.f,
+                        Envelope(REPLY, env.k, env.i, self.link.node_id, None, ("busy", "busy")),
+                    )
+                )
+                return
+            self._handling += 1  # now, not in the task: the next envelope sees it
+            self._spawn(self._handle(env))
+        else:
+            self.dropped_total += 1
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, env: Envelope) -> None:
+        try:
+            handler = self._handlers.get(env.k)
+            if handler is None:
+                reply = Envelope(
+                    REPLY, env.k, env.i, self.link.node_id, None, ("unsupported", env.k)
+                )
+            else:
+                try:
+                    body = await handler(env.f, env.b)
+                    reply = Envelope(REPLY, env.k, env.i, self.link.node_id, body)
+                except KefuError as exc:
+                    reply = Envelope(
+                        REPLY, env.k, env.i, self.link.node_id, None, (exc.code, str(exc))
+                    )
+                except Exception:
+                    log.exception("cluster bus: request %s from %s failed", env.k, env.f)
+                    reply = Envelope(
+                        REPLY, env.k, env.i, self.link.node_id, None, ("internal", "internal")
+                    )
+        finally:
+            self._handling -= 1
+        await self._reply(env.f, reply)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "pending": len(self._pending),
+            "handling": self._handling,
+            "requests_total": self.requests_total,
+            "replies_total": self.replies_total,
+            "timeouts_total": self.timeouts_total,
+            "events_in": self.events_in,
+            "events_out": self.events_out,
+            "dropped_total": self.dropped_total,
+            "busy_total": self.busy_total,
+        }

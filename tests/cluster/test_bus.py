@@ -1,0 +1,152 @@
+"""Node-to-node requests and events over a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from kefu.cluster.bus import Bus, RemoteError
+from kefu.cluster.link import ClusterUnavailable, Link
+from kefu.errors import KefuError
+from tests import aio
+from tests.cluster.redis_server import RedisServer
+
+TIMEOUT = 30.0
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    aio.run(test, TIMEOUT)
+
+
+async def pair(url: str, timeout_s: float = 1.0) -> tuple[Bus, Bus]:
+    buses = []
+    for name in ("a", "b"):
+        link = Link(url, name, heartbeat_s=0.1)
+        await link.start()
+        bus = Bus(link, timeout_s=timeout_s, max_pending=4, max_handling=2)
+        await bus.start()
+        buses.append(bus)
+    return buses[0], buses[1]
+
+
+async def close(*buses: Bus) -> None:
+    for bus in buses:
+        await bus.stop()
+        await bus.link.stop()
+
+
+class Refused(KefuError):
+    code = "forbidden"
+
+
+def test_request_reply_error_and_event(redis_server: RedisServer) -> None:
+    async def body() -> None:
+        a, b = await pair(redis_server.url)
+        try:
+            seen: list[tuple[str, Any]] = []
+
+            async def echo(sender: str, payload: Any) -> Any:
+                return {"from": sender, "got": payload}
+
+            async def refuse(sender: str, payload: Any) -> Any:
+                raise Refused("not you")
+
+            b.on_request("echo", echo)
+            b.on_request("refuse", refuse)
+            b.on_event("note", lambda sender, payload: seen.append((sender, payload)))
+            assert await a.request("b", "echo", [1, "x"]) == {"from": "a", "got": [1, "x"]}
+            with pytest.raises(RemoteError) as refused:
+                await a.request("b", "refuse", None)
+            assert refused.value.code == "forbidden" and str(refused.value) == "not you"
+            with pytest.raises(RemoteError) as unknown:
+                await a.request("b", "nothing", None)
+            assert unknown.value.code == "unsupported"
+            assert await a.tell("b", "note", {"n": 1}) is True
+            for _ in range(200):
+                if seen:
+                    break
+                await asyncio.sleep(0.01)
+            assert seen == [("a", {"n": 1})]
+            assert a.pending == 0
+        finally:
+            await close(a, b)
+
+    run(body)
+
+
+def test_nobody_listening_and_timeouts(redis_server: RedisServer) -> None:
+    async def body() -> None:
+        a, b = await pair(redis_server.url, timeout_s=0.3)
+        try:
+            with pytest.raises(ClusterUnavailable):
+                await a.request("ghost", "echo", None)  # no subscriber on that channel
+            assert await a.tell("ghost", "note", None) is False
+
+            release = asyncio.Event()
+
+            async def slow(sender: str, payload: Any) -> Any:
+                await release.wait()
+                return "late"
+
+            b.on_request("slow", slow)
+            with pytest.raises(ClusterUnavailable):
+                await a.request("b", "slow", None)
+            assert a.timeouts_total == 1 and a.pending == 0
+            release.set()  # b finishes the timed-out one (its late reply is dropped by a)
+            await asyncio.sleep(0.05)
+            release.clear()
+            a.timeout_s = 20.0  # from here on no reply is late
+            # b handles at most 2 at once (max_handling): a third is answered busy at once.
+            calls = [asyncio.ensure_future(a.request("b", "slow", i)) for i in range(3)]
+            done, _ = await asyncio.wait(calls, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.sleep(0.2)  # a second answer would have come by now
+            done = {c for c in calls if c.done()}
+            busy = [c for c in done if isinstance(c.exception(), RemoteError)]
+            assert len(done) == 1 and len(busy) == 1 and busy[0].exception().code == "busy"  # type: ignore[union-attr]
+            release.set()
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            assert sorted(r for r in results if r == "late") == ["late", "late"]
+            # a waits for at most 4 replies at once (max_pending).
+            release.clear()
+            b.max_handling = 10
+            waiting = [asyncio.ensure_future(a.request("b", "slow", i)) for i in range(4)]
+            await asyncio.sleep(0.05)
+            with pytest.raises(ClusterUnavailable, match="pending"):
+                await a.request("b", "slow", None)
+            release.set()
+            await asyncio.gather(*waiting, return_exceptions=True)
+        finally:
+            await close(a, b)
+
+    run(body)
+
+
+def test_the_bus_comes_back_after_redis_restarts(redis_server: RedisServer) -> None:
+    async def body() -> None:
+        a, b = await pair(redis_server.url, timeout_s=0.5)
+        try:
+
+            async def echo(sender: str, payload: Any) -> Any:
+                return payload
+
+            b.on_request("echo", echo)
+            assert await a.request("b", "echo", 1) == 1
+            redis_server.stop()
+            with pytest.raises(ClusterUnavailable):
+                await a.request("b", "echo", 2)
+            redis_server.start()
+            result = None
+            for _ in range(100):  # both listeners subscribe again by themselves
+                try:
+                    result = await a.request("b", "echo", 3)
+                    break
+                except ClusterUnavailable:
+                    await asyncio.sleep(0.1)
+            assert result == 3
+        finally:
+            await close(a, b)
+
+    run(body)
