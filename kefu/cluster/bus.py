@@ -4,6 +4,10 @@ Each node listens on one channel, ``{prefix}n:{node_id}``. What goes over it is 
 :class:`Envelope`: a **request** (``kind``, a body, a request id) answered by a **reply** on the
 caller's channel, or an **event** that expects no answer.
 
+Everything a node publishes goes through one queue and one writer (a pipeline at a time on one
+connection), so what node A sends to node B arrives in the order A sent it: a reply after the
+events queued before it, events in the order of the frames they carry.
+
 Pub/Sub delivers at most once: a request or its reply may be lost (the receiving node is
 restarting, Redis restarted, the subscriber's connection was cut). The caller then gets
 :class:`~kefu.cluster.link.ClusterUnavailable` after ``timeout_s`` and never a wrong answer, so
@@ -19,6 +23,8 @@ what                        limit                  when full
 ==========================  =====================  ========================================
 requests awaiting a reply   ``max_pending``        ``request`` raises ClusterUnavailable
 requests being handled      ``max_handling``       the request is answered ``busy`` at once
+envelopes to publish        ``max_outbound``       ``emit``/``request`` raise
+                                                   ClusterUnavailable (counted)
 one envelope                ``MAX_ENVELOPE_BYTES`` ``request``/``tell`` raise ValueError; a
                                                    bigger one received is dropped (counted)
 ==========================  =====================  ========================================
@@ -30,6 +36,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final
 
@@ -43,12 +50,17 @@ __all__ = ["MAX_ENVELOPE_BYTES", "Bus", "Envelope", "RemoteError"]
 log = logging.getLogger(__name__)
 
 MAX_ENVELOPE_BYTES: Final = 1 << 20
+#: Envelopes published in one pipeline.
+WRITE_BATCH: Final = 256
 REQUEST: Final = 0
 REPLY: Final = 1
 EVENT: Final = 2
 
 Handler = Callable[[str, Any], Awaitable[Any]]
 EventHandler = Callable[[str, Any], None]
+
+
+_Out = tuple[str, bytes, "asyncio.Future[int] | None"]
 
 
 class Envelope(msgspec.Struct, array_like=True, frozen=True):
@@ -90,6 +102,7 @@ class Bus:
         timeout_s: float = 2.0,
         max_pending: int = 10_000,
         max_handling: int = 1_000,
+        max_outbound: int = 100_000,
     ) -> None:
         self.link = link
         self.timeout_s = timeout_s
@@ -111,6 +124,12 @@ class Bus:
         self.dropped_total = 0
         self.busy_total = 0
         self.subscribed = asyncio.Event()
+        self.max_outbound = max_outbound
+        self._outbound: deque[_Out] = deque()
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self.outbound_full_total = 0
+        self.lost_total = 0
 
     def channel(self, node: str) -> str:
         return self.link.key("n", node)
@@ -132,24 +151,32 @@ class Bus:
     # -- life ----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._listen())
+        loop = asyncio.get_running_loop()
+        self._writer = loop.create_task(self._write())
+        self._task = loop.create_task(self._listen())
         try:
             await asyncio.wait_for(self.subscribed.wait(), self.timeout_s * 2)
         except asyncio.TimeoutError:
             raise ClusterUnavailable("could not subscribe to the node's channel") from None
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
+        for task in (self._task, self._writer):
+            if task is None:
+                continue
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._task = self._writer = None
         for t in list(self._tasks):
             t.cancel()
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(ClusterUnavailable("the node is stopping"))
         self._pending.clear()
+        while self._outbound:
+            waiter = self._outbound.popleft()[2]
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(ClusterUnavailable("the node is stopping"))
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -160,13 +187,13 @@ class Bus:
             raise ClusterUnavailable(f"{self.max_pending} requests to other nodes are pending")
         rid = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        data = _ENCODE(Envelope(REQUEST, kind, rid, self.link.node_id, body))
+        if len(data) > MAX_ENVELOPE_BYTES:
+            raise ValueError(f"a request of {len(data)} bytes is over {MAX_ENVELOPE_BYTES}")
         self._pending[rid] = fut
         try:
-            data = _ENCODE(Envelope(REQUEST, kind, rid, self.link.node_id, body))
-            if len(data) > MAX_ENVELOPE_BYTES:
-                raise ValueError(f"a request of {len(data)} bytes is over {MAX_ENVELOPE_BYTES}")
             self.requests_total += 1
-            receivers = await self.link.call(lambda r: r.publish(self.channel(node), data))
+            receivers = await self._post(node, data)
             if not receivers:
                 raise ClusterUnavailable(f"node {node} is not listening")
             try:
@@ -178,19 +205,68 @@ class Bus:
             self._pending.pop(rid, None)
 
     async def tell(self, node: str, kind: str, body: Any) -> bool:
-        """Send an event; True when a node was listening (not that it was handled)."""
+        """Send an event and wait until Redis took it: True when a node was listening (not
+        that it was handled)."""
+        return bool(await self._post(node, self._event(kind, body)))
+
+    def emit(self, node: str, kind: str, body: Any) -> None:
+        """Send an event without waiting: in order after everything this node sent to
+        ``node`` before. Raises ClusterUnavailable when the outbound queue is full."""
+        self._post_nowait(node, self._event(kind, body), None)
+
+    def _event(self, kind: str, body: Any) -> bytes:
         data = _ENCODE(Envelope(EVENT, kind, 0, self.link.node_id, body))
         if len(data) > MAX_ENVELOPE_BYTES:
             raise ValueError(f"an event of {len(data)} bytes is over {MAX_ENVELOPE_BYTES}")
         self.events_out += 1
-        receivers = await self.link.call(lambda r: r.publish(self.channel(node), data))
-        return bool(receivers)
+        return data
 
-    async def _reply(self, to: str, env: Envelope) -> None:
-        data = _ENCODE(env)
+    def _reply(self, to: str, env: Envelope) -> None:
         with contextlib.suppress(ClusterUnavailable):  # the caller times out and retries
-            await self.link.call(lambda r: r.publish(self.channel(to), data))
+            self._post_nowait(to, _ENCODE(env), None)
         self.replies_total += 1
+
+    # -- the one writer: everything this node publishes, in order ------------------------------
+
+    async def _post(self, node: str, data: bytes) -> int:
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._post_nowait(node, data, fut)
+        return await fut
+
+    def _post_nowait(self, node: str, data: bytes, fut: asyncio.Future[int] | None) -> None:
+        if len(self._outbound) >= self.max_outbound:
+            self.outbound_full_total += 1
+            raise ClusterUnavailable("the queue of envelopes to other nodes is full")
+        self._outbound.append((self.channel(node), data, fut))
+        self._wake.set()
+
+    async def _write(self) -> None:
+        """Publish the outbound queue in order, a pipeline at a time: one connection, so the
+        envelopes this node sends to one node arrive in the order they were queued."""
+        outbound = self._outbound
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while outbound:
+                batch = [outbound.popleft() for _ in range(min(len(outbound), WRITE_BATCH))]
+
+                async def publish(r: Any, batch: list[_Out] = batch) -> list[Any]:
+                    pipe = r.pipeline(transaction=False)
+                    for channel, data, _ in batch:
+                        pipe.publish(channel, data)
+                    return list(await pipe.execute())
+
+                try:
+                    results = await self.link.call(publish)
+                except ClusterUnavailable as exc:
+                    self.lost_total += len(batch)
+                    for _, _, fut in batch:
+                        if fut is not None and not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                for (_, _, fut), receivers in zip(batch, results, strict=True):
+                    if fut is not None and not fut.done():
+                        fut.set_result(int(receivers))
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -256,11 +332,8 @@ class Bus:
         elif env.t == REQUEST:
             if self._handling >= self.max_handling:
                 self.busy_total += 1
-                self._spawn(
-                    self._reply(
-                        env.f,
-                        Envelope(REPLY, env.k, env.i, self.link.node_id, None, ("busy", "busy")),
-                    )
+                self._reply(
+                    env.f, Envelope(REPLY, env.k, env.i, self.link.node_id, None, ("busy", "busy"))
                 )
                 return
             self._handling += 1  # now, not in the task: the next envelope sees it
@@ -295,7 +368,7 @@ class Bus:
                     )
         finally:
             self._handling -= 1
-        await self._reply(env.f, reply)
+        self._reply(env.f, reply)
 
     def stats(self) -> dict[str, int]:
         return {
@@ -308,4 +381,7 @@ class Bus:
             "events_out": self.events_out,
             "dropped_total": self.dropped_total,
             "busy_total": self.busy_total,
+            "outbound": len(self._outbound),
+            "outbound_full_total": self.outbound_full_total,
+            "lost_total": self.lost_total,
         }

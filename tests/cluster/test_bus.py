@@ -150,3 +150,40 @@ def test_the_bus_comes_back_after_redis_restarts(redis_server: RedisServer) -> N
             await close(a, b)
 
     run(body)
+
+
+def test_what_one_node_sends_another_arrives_in_order(redis_server: RedisServer) -> None:
+    """Events emitted without waiting, interleaved with requests answered by events before
+    their reply: b sees a's events in a's order, and every reply after the events before it."""
+
+    async def body() -> None:
+        a, b = await pair(redis_server.url, timeout_s=5.0)
+        try:
+            seen_by_b: list[int] = []
+            seen_by_a: list[int] = []
+            b.on_event("n", lambda sender, n: seen_by_b.append(n))
+            a.on_event("m", lambda sender, n: seen_by_a.append(n))
+
+            async def mark(sender: str, n: int) -> int:
+                for i in range(3):  # events first, then (by returning) the reply
+                    b.emit(sender, "m", n * 3 + i)
+                return n
+
+            b.on_request("mark", mark)
+            replies = []
+            for n in range(50):
+                for i in range(20):
+                    a.emit("b", "n", n * 20 + i)
+                replies.append(await a.request("b", "mark", n))
+                assert seen_by_a[-3:] == [n * 3, n * 3 + 1, n * 3 + 2]  # before the reply
+            assert replies == list(range(50))
+            for _ in range(200):
+                if len(seen_by_b) == 1000:
+                    break
+                await asyncio.sleep(0.01)
+            assert seen_by_b == list(range(1000))
+            assert seen_by_a == list(range(150))
+        finally:
+            await close(a, b)
+
+    run(body)
