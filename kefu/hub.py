@@ -28,8 +28,10 @@ Metrics: :meth:`Hub.stats`.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING, Final, cast
+
+import msgspec
 
 from kefu._core import ringbuf as _ringbuf
 from kefu.protocol import Msg, encode_json, encode_msgpack
@@ -51,6 +53,9 @@ RING_OVERHEAD_BYTES: Final = 600
 
 Principal = tuple[str, str]  # (role, id)
 
+_JSON_ENCODE = msgspec.json.Encoder().encode
+_MSGPACK_DECODE = msgspec.msgpack.Decoder().decode
+
 
 def frame_tag(frame: object) -> str:
     """The ``type`` a frame is written with."""
@@ -65,12 +70,29 @@ class Encoded:
     __slots__ = ("_json", "_msgpack", "frame", "kind")
 
     def __init__(self, frame: object) -> None:
-        self.frame = frame
+        self.frame: object = frame
         self.kind = frame_tag(frame)
         self._json: bytes | None = None
         self._msgpack: bytes | None = None
 
+    @classmethod
+    def from_msgpack(cls, data: bytes, kind: str) -> Encoded:
+        """A frame that arrived encoded (from another node): JSON made from it when asked."""
+        encoded = cls.__new__(cls)
+        encoded.frame = None
+        encoded.kind = kind
+        encoded._msgpack = data
+        encoded._json = None
+        return encoded
+
+    def msgpack(self) -> bytes:
+        if self._msgpack is None:
+            self._msgpack = encode_msgpack(self.frame)
+        return self._msgpack
+
     def send(self, conn: Connection) -> None:
+        if self.frame is None and not conn.msgpack and self._json is None:
+            self._json = _JSON_ENCODE(_MSGPACK_DECODE(cast(bytes, self._msgpack)))
         if conn.msgpack:
             if self._msgpack is None:
                 self._msgpack = encode_msgpack(self.frame)
@@ -134,9 +156,16 @@ class Hub:
 
     # -- sending ----------------------------------------------------------------------------
 
-    def send(self, keys: Iterable[Principal], frame: object, skip: Principal | None = None) -> int:
-        """``frame`` to every connection of ``keys`` but ``skip``; returns how many got it."""
-        encoded: Encoded | None = None
+    def send(
+        self,
+        keys: Iterable[Principal],
+        frame: object,
+        skip: Principal | None = None,
+        exclude: Collection[Connection] = (),
+    ) -> int:
+        """``frame`` (or an :class:`Encoded`) to every connection of ``keys`` but ``skip``'s
+        and those in ``exclude``; returns how many got it."""
+        encoded: Encoded | None = frame if isinstance(frame, Encoded) else None
         sent = 0
         for key in keys:
             if key == skip:
@@ -147,6 +176,8 @@ class Hub:
             if encoded is None:
                 encoded = Encoded(frame)
             for c in list(conns):
+                if exclude and c in exclude:
+                    continue
                 encoded.send(c)
                 sent += 1
         return sent

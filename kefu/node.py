@@ -173,7 +173,7 @@ import ssl as ssl_module
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal, NamedTuple, cast
 
@@ -236,6 +236,7 @@ from kefu.protocol import (
     Read,
     ReadRelay,
     Resumed,
+    ResumePoint,
     Send,
     Sender,
     SenderRole,
@@ -574,6 +575,7 @@ class Node:
                 from kefu.cluster.member import Member
 
                 self.member = Member(cfg.cluster, store)
+                self.member.bind(self)
                 await self.member.start(ws_url=cfg.ws.public_url, http_url=None)
                 # Every node signs with the cluster's secret: a token one node gave out opens
                 # the conversation on any other.
@@ -1751,7 +1753,22 @@ class Node:
         if found is None:
             raise AuthError("bad token")
         visitor_id, conv_hex = found
-        cs = self._conv_state(parse_conv_id(conv_hex))
+        conv = parse_conv_id(conv_hex)
+        member = self.member
+        if member is not None and not member.is_local(conv):
+            # Owned by another node: the welcome carries its state as the owner sees it.
+            try:
+                remote = await member.describe(conv, conv_hex, "visitor", visitor_id)
+            except KefuError as exc:
+                raise AuthError(f"the conversation is not available: {exc}") from None
+            return Welcome(
+                role="visitor",
+                id=visitor_id,
+                convs=[remote],
+                ping_interval_ms=0,
+                max_msg_bytes=0,
+            )
+        cs = self._conv_state(conv)
         return Welcome(
             role="visitor",
             id=visitor_id,
@@ -1766,12 +1783,21 @@ class Node:
         if role is None or principal is None:
             return
         for point in hello.resume or ():
+            if self.member is not None and _remote_conv_hex(self.member, point.conv) is not None:
+                continue  # its owner replays it (below)
             try:
                 state = self._visible(point.conv, role, principal)
             except KefuError as exc:
                 conn.send(Error(code=exc.code, message=str(exc), ref="hello"))
                 continue
             self._resume(conn, state, point.epoch, point.last_seq)
+        member = self.member
+        remote: list[tuple[int, str, int | None, int]] = []
+        if member is not None:
+            remote = [
+                (conv, point.conv, point.epoch, point.last_seq)
+                for point, conv in _remote_points(member, hello.resume or ())
+            ]
         first = self.hub.register(conn, (role, principal))
         if role == "visitor":
             # Where the visitor stands: a `queued` or `assigned` sent before this connection
@@ -1779,21 +1805,14 @@ class Node:
             found = self.visitor_of_token(hello.token)
             for cs in [] if found is None else [parse_conv_id(found[1])]:
                 current = self.conversations.get(cs)
-                if current is None:
-                    continue
-                conv_hex = format_conv_id(cs)
-                if current.status == "queued":
-                    position = self.routing.queue.position(cs)
-                    if position is not None:
-                        conn.send(Queued(conv=conv_hex, position=position))
+                if current is not None:
+                    self._visitor_status(conn, current)
                 elif (
-                    current.status == "assigned"
-                    and current.agent_id is not None
-                    and current.agent_id in self.pool
+                    member is not None
+                    and not member.is_local(cs)
+                    and not any(r[0] == cs for r in remote)
                 ):
-                    agent = self.pool.get(current.agent_id)
-                    ref = AgentRef(id=agent.id, name=agent.name)
-                    conn.send(Assigned(conv=conv_hex, agent=ref, epoch=current.epoch))
+                    remote.append((cs, format_conv_id(cs), None, 0))
         if role == "agent":
             self._track_session(conn, hello.token)
             for a in self.pool:
@@ -1801,11 +1820,41 @@ class Node:
             if first:
                 self._run_effects(self.routing.agent_connected(principal))
                 self._presence_changed(principal)
+        if remote and member is not None:
+            # The remote conversations' frames wait for their owner's replay (kefu.cluster).
+            await member.attach(conn, (role, principal), remote)
+
+    def _visitor_status(self, conn: Connection, current: ConversationState) -> None:
+        """``queued {position}`` or ``assigned`` to a visitor's new connection."""
+        conv_hex = format_conv_id(current.id)
+        if current.status == "queued":
+            position = self.routing.queue.position(current.id)
+            if position is not None:
+                conn.send(Queued(conv=conv_hex, position=position))
+        elif (
+            current.status == "assigned"
+            and current.agent_id is not None
+            and current.agent_id in self.pool
+        ):
+            agent = self.pool.get(current.agent_id)
+            ref = AgentRef(id=agent.id, name=agent.name)
+            conn.send(Assigned(conv=conv_hex, agent=ref, epoch=current.epoch))
 
     async def on_frame(self, conn: Connection, frame: ClientFrame) -> None:
         key = self.hub.key_of(conn)
         if key is None:
             return
+        member = self.member
+        if member is not None:
+            conv = _remote_conv(member, frame)
+            if conv is not None:
+                await member.forward(conn, key, frame, conv)
+                return
+        await self.handle_frame(conn, key, frame)
+
+    async def handle_frame(self, conn: Connection, key: Principal, frame: ClientFrame) -> None:
+        """Run one command of ``key`` (from a local connection, or one on another node of the
+        cluster), its error reported to ``conn``."""
         try:
             await self._dispatch(conn, key, frame)
         except KefuError as exc:
@@ -1814,6 +1863,8 @@ class Node:
 
     def on_close(self, conn: Connection) -> None:
         self._session_conns.pop(conn.id, None)
+        if self.member is not None:
+            self.member.forget(conn)
         gone = self.hub.unregister(conn)
         if gone is None:
             return
@@ -2103,7 +2154,28 @@ class Node:
     def _fan_out(
         self, state: ConversationState, frame: object, skip: Principal | None = None
     ) -> None:
-        self.hub.send(self._participants(state), frame, skip)
+        self._to(state, self._participants(state), frame, skip)
+
+    def _to(
+        self,
+        state: ConversationState,
+        keys: list[Principal],
+        frame: object,
+        skip: Principal | None = None,
+    ) -> None:
+        """``frame`` to the connections of ``keys`` here and on the nodes that follow
+        ``state`` (kefu.cluster)."""
+        member = self.member
+        if member is None:
+            self.hub.send(keys, frame, skip)
+            return
+        encoded = Encoded(frame)
+        self.hub.send(keys, encoded, skip)
+        member.fan_out(state.id, keys, encoded, skip)
+
+    def _followed(self, state: ConversationState) -> bool:
+        """Whether another node follows ``state`` (kefu.cluster)."""
+        return self.member is not None and self.member.followed(state.id)
 
     def _read_missed(self, conv: int) -> Callable[[int, int], list[Msg]]:
         def read(last_seq: int, count: int) -> list[Msg]:
@@ -2157,36 +2229,30 @@ class Node:
             if state is None:
                 continue
             conv_hex = format_conv_id(effect.conv)
-            visitor = self.hub.connections(("visitor", state.visitor_id))
+            visitor: list[Principal] = [("visitor", state.visitor_id)]
             if isinstance(effect, Assign):
                 self._presence_changed(effect.agent_id)
                 agent = self.pool.get(effect.agent_id)
                 ref = AgentRef(id=effect.agent_id, name=agent.name)
-                for c in visitor:
-                    c.send(Assigned(conv=conv_hex, agent=ref, epoch=state.epoch))
-                agent_conns = self.hub.connections(("agent", effect.agent_id))
-                if not agent_conns:
+                self._to(state, visitor, Assigned(conv=conv_hex, agent=ref, epoch=state.epoch))
+                agent_key = ("agent", effect.agent_id)
+                if not self.hub.is_connected(agent_key) and not self._followed(state):
                     continue
                 recent = [_msg_frame(m) for m in self.store.tail(effect.conv, ASSIGNED_RECENT)]
-                frame = Encoded(
-                    Assigned(
-                        conv=conv_hex,
-                        agent=ref,
-                        visitor=_profile(state),
-                        messages=recent,
-                        epoch=state.epoch,
-                    )
+                assigned = Assigned(
+                    conv=conv_hex,
+                    agent=ref,
+                    visitor=_profile(state),
+                    messages=recent,
+                    epoch=state.epoch,
                 )
-                for c in agent_conns:
-                    frame.send(c)
+                self._to(state, [agent_key], assigned)
             elif isinstance(effect, (Queue, PositionChanged)):
-                for c in visitor:
-                    c.send(Queued(conv=conv_hex, position=effect.position))
+                self._to(state, visitor, Queued(conv=conv_hex, position=effect.position))
             elif isinstance(effect, Unassign):
                 self._presence_changed(effect.agent_id)
                 to = transferred_to if transferred_to is not None else (state.agent_id or "")
-                for c in self.hub.connections(("agent", effect.agent_id)):
-                    c.send(Transferred(conv=conv_hex, to=to))
+                self._to(state, [("agent", effect.agent_id)], Transferred(conv=conv_hex, to=to))
             elif isinstance(effect, Requeue):
                 self._presence_changed(effect.agent_id)
 
@@ -2409,3 +2475,27 @@ def _families(
 # ConversationState struct with its strings and its entries in the indexes (tracemalloc over
 # 10,000 conversations, CPython 3.11: 356 bytes each).
 _STATE_BYTES: Final = 360
+
+
+def _remote_conv_hex(member: Member, conv_hex: str) -> int | None:
+    """The id of ``conv_hex`` when another node of the cluster owns it, else None (local, or
+    not an id: the local path answers that)."""
+    try:
+        conv = parse_conv_id(conv_hex)
+    except ValueError:
+        return None
+    return None if member.is_local(conv) else conv
+
+
+def _remote_conv(member: Member, frame: ClientFrame) -> int | None:
+    conv_hex = getattr(frame, "conv", None)
+    return None if not isinstance(conv_hex, str) else _remote_conv_hex(member, conv_hex)
+
+
+def _remote_points(
+    member: Member, points: Iterable[ResumePoint]
+) -> Iterator[tuple[ResumePoint, int]]:
+    for point in points:
+        conv = _remote_conv_hex(member, point.conv)
+        if conv is not None:
+            yield point, conv

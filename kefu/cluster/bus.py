@@ -111,6 +111,7 @@ class Bus:
         self._handlers: dict[str, Handler] = {}
         self._events: dict[str, EventHandler] = {}
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._on_reply: dict[int, Callable[[Any], None]] = {}
         self._ids = itertools.count(1)
         self._handling = 0
         self._pubsub: Any = None
@@ -180,9 +181,15 @@ class Bus:
 
     # -- sending -------------------------------------------------------------------------------
 
-    async def request(self, node: str, kind: str, body: Any) -> Any:
+    async def request(
+        self, node: str, kind: str, body: Any, on_reply: Callable[[Any], None] | None = None
+    ) -> Any:
         """Ask ``node``; the reply's body. Raises RemoteError with the other node's code, or
-        ClusterUnavailable when Redis or the node does not answer within ``timeout_s``."""
+        ClusterUnavailable when Redis or the node does not answer within ``timeout_s``.
+
+        ``on_reply(body)``, when given, runs as the reply is read, before the next envelope
+        from any node is handled: what it does comes before the events sent after the reply.
+        """
         if len(self._pending) >= self.max_pending:
             raise ClusterUnavailable(f"{self.max_pending} requests to other nodes are pending")
         rid = next(self._ids)
@@ -191,6 +198,8 @@ class Bus:
         if len(data) > MAX_ENVELOPE_BYTES:
             raise ValueError(f"a request of {len(data)} bytes is over {MAX_ENVELOPE_BYTES}")
         self._pending[rid] = fut
+        if on_reply is not None:
+            self._on_reply[rid] = on_reply
         try:
             self.requests_total += 1
             receivers = await self._post(node, data)
@@ -203,6 +212,7 @@ class Bus:
                 raise ClusterUnavailable(f"node {node} did not answer {kind}") from None
         finally:
             self._pending.pop(rid, None)
+            self._on_reply.pop(rid, None)
 
     async def tell(self, node: str, kind: str, body: Any) -> bool:
         """Send an event and wait until Redis took it: True when a node was listening (not
@@ -316,6 +326,14 @@ class Bus:
             fut = self._pending.get(env.i)
             if fut is not None and not fut.done():
                 if env.e is None:
+                    callback = self._on_reply.pop(env.i, None)
+                    if callback is not None:
+                        try:
+                            callback(env.b)
+                        except Exception as exc:
+                            log.exception("cluster bus: the reply to %s failed", env.k)
+                            fut.set_exception(exc)
+                            return
                     fut.set_result(env.b)
                 else:
                     fut.set_exception(RemoteError(*env.e))

@@ -124,6 +124,7 @@ class Link:
         node_timeout_s: float = 5.0,
         on_node_dead: Callable[[str], Awaitable[None]] | None = None,
         on_reconnect: Callable[[], Awaitable[None]] | None = None,
+        on_node_gone: Callable[[str], None] | None = None,
     ) -> None:
         if not 0 < heartbeat_s < node_timeout_s:
             raise ValueError("heartbeat_s must be above 0 and below node_timeout_s")
@@ -134,6 +135,8 @@ class Link:
         self.node_timeout_s = node_timeout_s
         self.on_node_dead = on_node_dead
         self.on_reconnect = on_reconnect
+        #: Called on every node (not only the reaper) when a node leaves the live set.
+        self.on_node_gone = on_node_gone
         self.index = 0
         self.state: LinkState = "connecting"
         self.last_error: str | None = None
@@ -262,7 +265,14 @@ class Link:
         for member, score in members:
             node = member.decode()
             (dead if score < stale_before else live).append(node)
+        gone = set(self.live_nodes).difference(live)
         self.live_nodes = live
+        if self.on_node_gone is not None:
+            for node in gone:
+                try:
+                    self.on_node_gone(node)
+                except Exception:
+                    log.exception("cluster: handling the departure of node %s failed", node)
         for node in dead:
             await self._reap(r, node)
 

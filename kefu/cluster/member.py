@@ -9,17 +9,31 @@ of the cluster signs with.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
+
+import msgspec
 
 from kefu.cluster.bus import Bus
 from kefu.cluster.link import MAX_NODE_INDEX, ClusterUnavailable, Link, new_node_id
 from kefu.config import ClusterConfig
+from kefu.errors import KefuError
+from kefu.hub import Encoded, Principal, frame_tag
 from kefu.metrics import CollectedFamily, Kind
+from kefu.protocol import (
+    ClientFrame,
+    ConvState,
+    Error,
+    decode_client_frame,
+    encode_msgpack,
+)
 
 if TYPE_CHECKING:
+    from kefu.node import Node
     from kefu.store import Store
+    from kefu.web.ws import Connection
 
 __all__ = ["CONV_INDEX_SHIFT", "NODE_META", "Member", "owner_index"]
 
@@ -27,6 +41,15 @@ log = logging.getLogger(__name__)
 
 #: The local meta key that keeps the node's name across restarts.
 NODE_META: Final = "cluster_node"
+#: Conversations this node, as their owner, sends frames to other nodes for; past it a node's
+#: attach is refused (``cluster_unavailable``) and its clients retry.
+MAX_WATCHED: Final = 1_000_000
+#: Frames a connection may be sent in one reply of the owner (a resume's replay is at most
+#: RESUME_MAX messages plus its status frames).
+MAX_REPLY_FRAMES: Final = 1_000
+#: WebSocket close code for connections whose remote owner restarted or whose Redis came back
+#: (events may have been lost meanwhile): the client reconnects and resumes.
+CLOSE_SERVICE_RESTART: Final = 1012
 #: Conversation ids of a cluster node: ``index << CONV_INDEX_SHIFT | 47 random bits`` (63 bits
 #: in all, as a single node's ids).
 CONV_INDEX_SHIFT: Final = 47
@@ -60,6 +83,33 @@ class Member:
         self.bus = Bus(self.link, timeout_s=config.request_timeout_s)
         #: Node index -> node id, for owners of conversations (filled from Redis on demand).
         self._names: dict[int, str] = {}
+        self.node: Node | None = None
+        # Owner side: the other nodes that have a participant of a conversation connected.
+        self._watchers: dict[int, set[str]] = {}
+        # Non-owner side: the local connections of a remote conversation whose attach is not
+        # answered yet (no live frame of it for them until the replay), and, by owner, the
+        # connections that follow a conversation of that owner.
+        self._attaching: dict[int, set[Connection]] = {}
+        self._following: dict[str, set[Connection]] = {}
+        self._followed: dict[Connection, set[str]] = {}
+        self.forwarded_total = 0
+        self.fanned_out_total = 0
+        self.fan_out_dropped_total = 0
+        self.detached_total = 0
+        self.restart_closes_total = 0
+        self.link.on_node_gone = self._node_gone
+        self.link.on_reconnect = self._reconnected
+
+    def bind(self, node: Node) -> None:
+        """Serve the other nodes' calls with ``node`` (before :meth:`start`)."""
+        self.node = node
+        bus = self.bus
+        bus.on_request("frame", self._serve_frame)
+        bus.on_request("attach", self._serve_attach)
+        bus.on_request("describe", self._serve_describe)
+        bus.on_event("f", self._on_frames)
+        bus.on_event("detach", self._on_detach)
+        bus.on_event("started", self._on_started)
 
     async def start(self, *, ws_url: str | None, http_url: str | None) -> None:
         """Join: keep the node's name, take its index, listen on its channel. Raises
@@ -73,6 +123,10 @@ class Member:
             await self.link.stop()
             raise
         self._names[self.link.index] = self.node_id
+        for other in self.link.live_nodes:
+            if other != self.node_id:
+                # Whatever they follow of this node's conversations is gone with its memory.
+                self.bus.emit(other, "started", self.node_id)
         log.info(
             "cluster: joined as node %s (index %d) through %s",
             self.node_id,
@@ -125,6 +179,223 @@ class Member:
 
         return await self.link.call(agree)
 
+    # -- owner side: the conversations this node owns ------------------------------------------
+
+    def watch(self, conv: int, node: str) -> None:
+        """``node`` has a participant of ``conv`` connected: send it ``conv``'s frames."""
+        if node == self.node_id:
+            return
+        nodes = self._watchers.get(conv)
+        if nodes is None:
+            if len(self._watchers) >= MAX_WATCHED:
+                raise ClusterUnavailable("this node follows too many conversations for others")
+            nodes = self._watchers[conv] = set()
+        nodes.add(node)
+
+    def fan_out(
+        self, conv: int, keys: list[Principal], frame: object, skip: Principal | None
+    ) -> None:
+        """``frame`` for ``keys`` to every node that follows ``conv`` (after the local
+        delivery; Pub/Sub may drop it, a resume recovers it)."""
+        nodes = self._watchers.get(conv)
+        if not nodes:
+            return
+        encoded = frame if isinstance(frame, Encoded) else Encoded(frame)
+        body = (conv, keys, skip, encoded.kind, encoded.msgpack())
+        self.fanned_out_total += 1
+        for node in list(nodes):
+            try:
+                self.bus.emit(node, "f", body)
+            except ClusterUnavailable:
+                self.fan_out_dropped_total += 1
+
+    def followed(self, conv: int) -> bool:
+        return conv in self._watchers
+
+    def _on_detach(self, sender: str, conv: int) -> None:
+        nodes = self._watchers.get(conv)
+        if nodes is not None:
+            nodes.discard(sender)
+            if not nodes:
+                del self._watchers[conv]
+
+    def _collector(self, role: str, principal: str) -> _Collector:
+        return _Collector(role, principal)
+
+    async def _serve_frame(self, sender: str, body: Any) -> list[tuple[str, bytes]]:
+        """A command of a client connected to ``sender``, for a conversation owned here."""
+        node = cast("Node", self.node)
+        role, principal, raw = body
+        frame = decode_client_frame(raw, msgpack=True)
+        out = _Collector(role, principal)
+        key = (role, principal)
+        try:
+            state = node._visible(getattr(frame, "conv", ""), role, principal)
+            self.watch(state.id, sender)
+        except KefuError as exc:
+            out.send(Error(code=exc.code, message=str(exc), ref=_ref(frame)))
+            return out.frames
+        await node.handle_frame(cast("Connection", out), key, frame)
+        return out.frames
+
+    async def _serve_attach(self, sender: str, body: Any) -> list[Any]:
+        """A connection on ``sender`` follows conversations owned here: their states, the
+        replay of each resume point, the visitor's status; ``sender`` follows them from this
+        step on (no await in between, as a local resume)."""
+        node = cast("Node", self.node)
+        role, principal, points = body
+        out = _Collector(role, principal)
+        states: list[bytes] = []
+        for conv_hex, epoch, last in points[:MAX_REPLY_FRAMES]:
+            try:
+                state = node._visible(conv_hex, role, principal)
+                self.watch(state.id, sender)
+            except KefuError as exc:
+                out.send(Error(code=exc.code, message=str(exc), ref="hello"))
+                continue
+            cs = node._conv_state(state.id)
+            if cs is not None:
+                states.append(encode_msgpack(cs))
+            if epoch is not None:
+                node._resume(cast("Connection", out), state, epoch, last)
+            if role == "visitor":
+                node._visitor_status(cast("Connection", out), state)
+        return [states, out.frames]
+
+    async def _serve_describe(self, sender: str, body: Any) -> bytes | None:
+        node = cast("Node", self.node)
+        role, principal, conv_hex = body
+        state = node._visible(conv_hex, role, principal)
+        cs = node._conv_state(state.id)
+        return None if cs is None else encode_msgpack(cs)
+
+    # -- non-owner side: conversations owned elsewhere ----------------------------------------
+
+    def _on_frames(self, sender: str, body: Any) -> None:
+        conv, keys, skip, kind, data = body
+        node = cast("Node", self.node)
+        exclude = self._attaching.get(conv, ())
+        sent = node.hub.send(
+            [(k[0], k[1]) for k in keys],
+            Encoded.from_msgpack(data, kind),
+            None if skip is None else (skip[0], skip[1]),
+            exclude,
+        )
+        if not sent and not exclude:
+            # Nobody here follows it any more: the owner stops sending (lazily, once).
+            self.detached_total += 1
+            with contextlib.suppress(ClusterUnavailable):
+                self.bus.emit(sender, "detach", conv)
+
+    async def describe(self, conv: int, conv_hex: str, role: str, principal: str) -> ConvState:
+        """The state of a remote conversation as ``principal`` may see it (for a welcome)."""
+        owner = await self.owner_of(conv)
+        raw = await self.bus.request(owner, "describe", (role, principal, conv_hex))
+        if raw is None:
+            raise ClusterUnavailable("the owner has no state for this conversation")
+        return msgspec.msgpack.decode(raw, type=ConvState)
+
+    async def forward(
+        self, conn: Connection, key: Principal, frame: ClientFrame, conv: int
+    ) -> None:
+        """A command of a local client for a conversation owned elsewhere: the owner runs it
+        and its answers (ack, history, error...) go to ``conn``."""
+        owner = await self.owner_of(conv)
+        self._follow(conn, owner)
+        self.forwarded_total += 1
+        try:
+            reply = await self.bus.request(owner, "frame", (key[0], key[1], encode_msgpack(frame)))
+        except KefuError as exc:
+            conn.send(Error(code=exc.code, message=str(exc), ref=_ref(frame)))
+            return
+        for kind, data in reply[:MAX_REPLY_FRAMES]:
+            Encoded.from_msgpack(data, kind).send(conn)
+
+    async def attach(
+        self,
+        conn: Connection,
+        key: Principal,
+        points: list[tuple[int, str, int | None, int]],
+    ) -> None:
+        """``conn`` follows remote conversations: ``(conv, conv_hex, epoch | None, last_seq)``
+        each (a resume point, or none). Their live frames wait until the owner's answer, which
+        brings the replay: nothing missed, nothing twice. A failed attach closes ``conn`` with
+        1012: the client reconnects and resumes."""
+        by_owner: dict[str, list[tuple[int, str, int | None, int]]] = {}
+        for point in points:
+            owner = await self.owner_of(point[0])
+            by_owner.setdefault(owner, []).append(point)
+        for owner, owned in by_owner.items():
+            self._follow(conn, owner)
+            convs = [p[0] for p in owned]
+            for conv in convs:
+                self._attaching.setdefault(conv, set()).add(conn)
+
+            def answered(body: Any, convs: list[int] = convs) -> None:
+                self._attached(conn, convs)
+                for kind, data in body[1][:MAX_REPLY_FRAMES]:
+                    Encoded.from_msgpack(data, kind).send(conn)
+
+            try:
+                await self.bus.request(
+                    owner,
+                    "attach",
+                    (key[0], key[1], [(p[1], p[2], p[3]) for p in owned]),
+                    on_reply=answered,
+                )
+            except KefuError:
+                self._attached(conn, convs)
+                self.restart_closes_total += 1
+                conn.close(CLOSE_SERVICE_RESTART, "the conversation's node did not answer")
+                return
+
+    def _attached(self, conn: Connection, convs: list[int]) -> None:
+        for conv in convs:
+            waiting = self._attaching.get(conv)
+            if waiting is not None:
+                waiting.discard(conn)
+                if not waiting:
+                    del self._attaching[conv]
+
+    def _follow(self, conn: Connection, owner: str) -> None:
+        self._following.setdefault(owner, set()).add(conn)
+        self._followed.setdefault(conn, set()).add(owner)
+
+    def forget(self, conn: Connection) -> None:
+        """``conn`` is closed."""
+        for owner in self._followed.pop(conn, ()):
+            conns = self._following.get(owner)
+            if conns is not None:
+                conns.discard(conn)
+                if not conns:
+                    del self._following[owner]
+        if self._attaching:
+            for conv in [c for c, conns in self._attaching.items() if conn in conns]:
+                self._attached(conn, [conv])
+
+    def _close_followers(self, owner: str | None, reason: str) -> None:
+        """Close the connections that follow ``owner``'s conversations (every owner's when
+        None): frames may have been lost, and a resume on reconnect recovers them."""
+        owners = list(self._following) if owner is None else [owner]
+        for o in owners:
+            for conn in list(self._following.get(o, ())):
+                self.restart_closes_total += 1
+                conn.close(CLOSE_SERVICE_RESTART, reason)
+
+    def _on_started(self, sender: str, body: Any) -> None:
+        self._close_followers(sender, "the conversation's node restarted")
+        self._node_gone(sender)
+
+    def _node_gone(self, node: str) -> None:
+        for nodes in list(self._watchers.values()):
+            nodes.discard(node)
+        self._watchers = {c: n for c, n in self._watchers.items() if n}
+        self._close_followers(node, "the conversation's node is gone")
+
+    async def _reconnected(self) -> None:
+        """Redis is back: what Pub/Sub carried meanwhile is lost, so followers resume."""
+        self._close_followers(None, "the cluster's link was cut")
+
     def health(self) -> str:
         return "ok" if self.link.up else "unavailable"
 
@@ -174,3 +445,32 @@ class Member:
             "nodes_reaped_total": link.reaped_total,
             **{f"bus_{k}": v for k, v in self.bus.stats().items()},
         }
+
+
+def _ref(frame: ClientFrame) -> str:
+    client_msg_id = getattr(frame, "client_msg_id", None)
+    return client_msg_id if isinstance(client_msg_id, str) else frame_tag(frame)
+
+
+class _Collector:
+    """Stands for a connection on another node while the owner runs its command: what the
+    node would send to that connection is collected for the reply."""
+
+    msgpack = True
+    received_ns = 0
+
+    def __init__(self, role: str, principal: str) -> None:
+        self.role = role
+        self.principal = principal
+        self.id = f"remote:{role}:{principal}"
+        self.frames: list[tuple[str, bytes]] = []
+
+    def send(self, frame: object) -> bool:
+        if len(self.frames) < MAX_REPLY_FRAMES:
+            self.frames.append((frame_tag(frame), encode_msgpack(frame)))
+        return True
+
+    def send_encoded(self, data: bytes, kind: str) -> bool:
+        if len(self.frames) < MAX_REPLY_FRAMES:
+            self.frames.append((kind, data))
+        return True
