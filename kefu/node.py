@@ -173,7 +173,7 @@ import ssl as ssl_module
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal, NamedTuple, cast
 
@@ -260,6 +260,7 @@ from kefu.routing import (
     Queue,
     Requeue,
     Routing,
+    RoutingError,
     Unassign,
     WaitingQueue,
 )
@@ -289,6 +290,7 @@ from kefu.web.ws import AuthError, Connection, WsServer
 
 if TYPE_CHECKING:
     from kefu.cluster.member import Member
+    from kefu.cluster.routing import ClusterRouting, Outcome
 
 __all__ = [
     "EXPIRE_BATCH",
@@ -306,6 +308,8 @@ __all__ = [
 log = logging.getLogger("kefu.node")
 
 RESUME_MAX: Final = 300  # PROTOCOL.md: more missed than this -> recovered: false
+#: Cluster mode: remote conversations whose state an agent's welcome asks their owners for.
+MAX_REMOTE_WELCOME: Final = 1_000
 ASSIGNED_RECENT: Final = 20  # last messages an agent gets with `assigned`
 #: Buckets of the group-commit batch-size histogram (messages; the writer caps a batch at
 #: ``store.batch_max_entries``, 1,024 by default).
@@ -485,6 +489,9 @@ class Node:
         self._inflight: dict[int, list[int]] = {}
         #: The node's place in a cluster (``cluster.redis_url``); None: a single node.
         self.member: Member | None = None
+        #: Cluster mode: an agent connection's remote conversations, from its welcome to its
+        #: on_ready (which follows them).
+        self._agent_remote: dict[Connection, list[int]] = {}
         self._id_prefix = os.urandom(8).hex()
         self._id_counter = 0
         self.duplicates_total = 0
@@ -574,9 +581,28 @@ class Node:
             if cfg.cluster.redis_url is not None:
                 from kefu.cluster.member import Member
 
-                self.member = Member(cfg.cluster, store)
+                self.member = Member(
+                    cfg.cluster,
+                    store,
+                    grace_ms=int(cfg.routing.agent_grace_s * 1000),
+                    max_queue=cfg.routing.max_queue,
+                )
                 self.member.bind(self)
                 await self.member.start(ws_url=cfg.ws.public_url, http_url=None)
+                for known in self.pool:
+                    # The cluster's pool has every node's agents (the same file, as a rule).
+                    self._run_effects(
+                        await self.member.routed(
+                            self.member.routing.upsert_agent(
+                                known.id,
+                                weight=known.weight,
+                                max_chats=known.max_chats,
+                                groups=known.groups,
+                                disabled=known.disabled,
+                            )
+                        )
+                    )
+                await self._rejoin_queue()
                 # Every node signs with the cluster's secret: a token one node gave out opens
                 # the conversation on any other.
                 secret = await self.member.shared_secret(secret)
@@ -656,12 +682,35 @@ class Node:
         states = self.conversations.restore(list(self.store.recover()))
         effects: list[Effect] = []
         for state in states:
+            if self.config.cluster.redis_url is not None:
+                break  # the cluster's routing state lives in Redis (kefu.cluster)
             if state.status in ("queued", "assigned"):
                 agent = state.agent_id if state.status == "assigned" else None
                 effects += self.routing.restore(state.id, now, agent_id=agent, group=state.group)
         # Only the records routing changed are written: recover() already gives the true
         # top_seq, and rewriting every open conversation could pass the store's write budget.
         await asyncio.gather(*self._apply_states(effects))
+
+    async def _rejoin_queue(self) -> None:
+        """Cluster mode, at start: the queued conversations owned here take their place in the
+        cluster's queue (kept there across this node's restart; routed again if Redis lost
+        them), and their positions are noted for their visitors."""
+        member = cast("Member", self.member)
+        queued = [s.id for s in self.conversations if s.status == "queued"]
+        ranks = await member.routing.positions(queued)
+        for conv, rank in zip(queued, ranks, strict=True):
+            if rank is not None:
+                member.positions[conv] = rank
+                continue
+            state = self.conversations.get(conv)
+            if state is None or await member.routing.assigned_to(conv) is not None:
+                continue
+            try:
+                effects = await member.routed(member.routing.route(conv, _now_ms(), state.group))
+            except RoutingError as exc:
+                log.warning("conversation %x: not queued again: %s", conv, exc)
+                continue
+            self._run_effects(effects)
 
     async def stop(self) -> None:
         if self._timer is not None:
@@ -820,6 +869,33 @@ class Node:
             await asyncio.gather(*self._end(state, "admin", "bot", _now_ms()))
         return replies
 
+    async def _decide(
+        self,
+        local: Callable[[], list[Effect]],
+        cluster: Callable[[ClusterRouting], Awaitable[Outcome]],
+    ) -> list[Effect]:
+        """A routing decision: ``local()`` on a single node; in a cluster, ``cluster`` on the
+        cluster's routing in Redis (kefu.cluster.routing), whose effects for conversations
+        owned elsewhere go to their owners. The effects returned are this node's."""
+        member = self.member
+        if member is None:
+            return local()
+        return await member.routed(cluster(member.routing))
+
+    def _decide_later(
+        self,
+        local: Callable[[], list[Effect]],
+        cluster: Callable[[ClusterRouting], Awaitable[Outcome]],
+        what: str,
+    ) -> list[asyncio.Future[None]]:
+        """``_decide`` from a path that cannot wait: on a single node the effects are applied
+        now; in a cluster when Redis answers."""
+        member = self.member
+        if member is None:
+            return self._run_effects(local())
+        member.apply_later(cluster(member.routing), what)
+        return []
+
     async def _handoff(self, state: ConversationState, reason: str, group: str | None) -> None:
         """The bot passes the conversation to humans: routed (or queued) at once."""
         conv = state.id
@@ -827,7 +903,9 @@ class Node:
         now = _now_ms()
         if group is not None and not self.pool.has_group(group):
             group = None  # a rule naming a group nobody is in: anyone rather than nobody
-        effects = self.routing.route(conv, now, group)  # QueueFull: the bot keeps it
+        effects = await self._decide(  # QueueFull: the bot keeps it
+            lambda: self.routing.route(conv, now, group), lambda r: r.route(conv, now, group)
+        )
         if self.bot is not None:
             self.bot.forget(conv)
         self._fan_out(state, Handoff(conv=format_conv_id(conv), reason=reason))
@@ -855,9 +933,13 @@ class Node:
                 continue
             self.expired_total += 1
             self._end(state, "expired", "expired", now_ms)
-        effects = self.routing.expire_agents(now_ms)
-        if effects:
-            self._run_effects(effects)
+        if self.member is None:
+            effects = self.routing.expire_agents(now_ms)
+            if effects:
+                self._run_effects(effects)
+        else:
+            self.routing.expire_agents(now_ms)  # the local pool's grace (presence)
+            self.member.apply_later(self.member.routing.expire(now_ms), "agent grace")
         if self._next_agent_exp and now_ms >= self._next_agent_exp:
             self._close_expired_agents(now_ms)
         if self._next_session_end and now_ms >= self._next_session_end:
@@ -898,7 +980,9 @@ class Node:
             self._fan_out(state, Closed(conv=conv_hex, by=cast("ClosedBy", e.by), reason=e.reason))
             if state.agent_id is not None:
                 self._presence_changed(state.agent_id)
-            if state.id in self.routing:
+            if self.member is not None:
+                self.member.apply_later(self.member.routing.release(e.conv), "release")
+            elif state.id in self.routing:
                 futures += self._run_effects(self.routing.release(e.conv))
         self.hub.forget(state.id)
         if self.bot is not None:
@@ -1148,17 +1232,24 @@ class Node:
         effects: list[Effect] = []
         if created:
             if state.status == "queued":  # with the bot on, it starts "bot" and waits
+                conv = state.id
                 try:
-                    effects = self.routing.route(state.id, now)
+                    effects = await self._decide(
+                        lambda: self.routing.route(conv, now), lambda r: r.route(conv, now)
+                    )
                 except KefuError:
                     self.conversations.discard(state.id)
                     raise
                 for effect in effects:
                     self.conversations.apply(effect)
+                if member is not None:
+                    member._follow_assigned(effects, {})
             try:
                 fut = store.put_conversation(state.to_stored())
             except StoreError:
-                if state.id in self.routing:
+                if member is not None:
+                    member.apply_later(member.routing.release(state.id), "release")
+                elif state.id in self.routing:
                     self.routing.release(state.id)
                 self.conversations.discard(state.id)
                 raise
@@ -1742,7 +1833,10 @@ class Node:
             session = self.agent_session(token)
             agent_id = None if session is None else session.sub
         if agent_id is not None:
-            convs = [self._conv_state(c) for c in self.routing.conversations_of(agent_id)]
+            if self.member is None:
+                convs = [self._conv_state(c) for c in self.routing.conversations_of(agent_id)]
+            else:
+                convs = await self._cluster_agent_convs(conn, agent_id)
             return Welcome(
                 role="agent",
                 id=agent_id,
@@ -1776,6 +1870,29 @@ class Node:
             ping_interval_ms=0,
             max_msg_bytes=0,
         )
+
+    async def _cluster_agent_convs(self, conn: Connection, agent_id: str) -> list[ConvState | None]:
+        """The agent's conversations in the cluster: states from their owners (local ones
+        here); the remote ones are followed from ``on_ready``."""
+        member = cast("Member", self.member)
+        try:
+            held = await member.routing.conversations_of(agent_id)
+        except KefuError as exc:
+            raise AuthError(f"the cluster is not available: {exc}") from None
+        convs: list[ConvState | None] = []
+        remote: list[int] = []
+        for conv in held:
+            if member.is_local(conv):
+                convs.append(self._conv_state(conv))
+            else:
+                remote.append(conv)
+        for conv in remote[:MAX_REMOTE_WELCOME]:
+            try:
+                convs.append(await member.describe(conv, format_conv_id(conv), "agent", agent_id))
+            except KefuError:
+                continue  # its owner is away: the agent sees it again once it is back
+        self._agent_remote[conn] = remote
+        return convs
 
     async def on_ready(self, conn: Connection, hello: Hello) -> None:
         # No await from here to the registration: see "Resume" in the module doc.
@@ -1820,6 +1937,11 @@ class Node:
             if first:
                 self._run_effects(self.routing.agent_connected(principal))
                 self._presence_changed(principal)
+            if member is not None:
+                member.report_agent(principal)
+                for conv in self._agent_remote.pop(conn, ()):
+                    if not any(r[0] == conv for r in remote):
+                        remote.append((conv, format_conv_id(conv), None, 0))
         if remote and member is not None:
             # The remote conversations' frames wait for their owner's replay (kefu.cluster).
             await member.attach(conn, (role, principal), remote)
@@ -1828,7 +1950,11 @@ class Node:
         """``queued {position}`` or ``assigned`` to a visitor's new connection."""
         conv_hex = format_conv_id(current.id)
         if current.status == "queued":
-            position = self.routing.queue.position(current.id)
+            position = (
+                self.routing.queue.position(current.id)
+                if self.member is None
+                else self.member.positions.get(current.id)
+            )
             if position is not None:
                 conn.send(Queued(conv=conv_hex, position=position))
         elif (
@@ -1863,6 +1989,7 @@ class Node:
 
     def on_close(self, conn: Connection) -> None:
         self._session_conns.pop(conn.id, None)
+        self._agent_remote.pop(conn, None)
         if self.member is not None:
             self.member.forget(conn)
         gone = self.hub.unregister(conn)
@@ -1875,6 +2002,8 @@ class Node:
             except KefuError:
                 log.exception("agent %s: disconnect bookkeeping failed", key[1])
             self._presence_changed(key[1])
+            if self.member is not None:
+                self.member.report_agent(key[1])
 
     # -- frames -----------------------------------------------------------------------------
 
@@ -1927,13 +2056,19 @@ class Node:
                 raise Forbidden("only agents have a status")
             self._run_effects(self.routing.agent_status(principal, frame.status, frame.max_chats))
             self._presence_changed(principal)
+            if self.member is not None:
+                self.member.report_agent(principal)
             conn.send(StatusFrame(status=frame.status, max_chats=frame.max_chats))
         elif isinstance(frame, Accept):
             if role != "agent":
                 raise Forbidden("only agents accept conversations")
             state = self._visible(frame.conv, role, principal)
             self.conversations.check(state.id, "accept")
-            await asyncio.gather(*self._run_effects(self.routing.accept(state.id, principal)))
+            conv = state.id
+            effects = await self._decide(
+                lambda: self.routing.accept(conv, principal), lambda r: r.accept(conv, principal)
+            )
+            await asyncio.gather(*self._run_effects(effects))
         elif isinstance(frame, Transfer):
             if role != "agent":
                 raise Forbidden("only agents transfer conversations")
@@ -1941,8 +2076,12 @@ class Node:
             if state.agent_id != principal:
                 raise Forbidden("only the agent holding the conversation may transfer it")
             self.conversations.check(state.id, "transfer")
-            effects = self.routing.transfer(
-                state.id, principal, to_agent=frame.to_agent, to_group=frame.to_group
+            conv, to_agent, to_group = state.id, frame.to_agent, frame.to_group
+            effects = await self._decide(
+                lambda: self.routing.transfer(
+                    conv, principal, to_agent=to_agent, to_group=to_group
+                ),
+                lambda r: r.transfer(conv, principal, to_agent=to_agent, to_group=to_group),
             )
             to = frame.to_agent if frame.to_agent is not None else frame.to_group
             futures = self._run_effects(effects, transferred_to=to)

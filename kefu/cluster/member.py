@@ -9,15 +9,19 @@ of the cluster signs with.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import secrets
+import time
+from collections.abc import Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import msgspec
 
 from kefu.cluster.bus import Bus
 from kefu.cluster.link import MAX_NODE_INDEX, ClusterUnavailable, Link, new_node_id
+from kefu.cluster.routing import ClusterRouting, Outcome
 from kefu.config import ClusterConfig
 from kefu.errors import KefuError
 from kefu.hub import Encoded, Principal, frame_tag
@@ -29,6 +33,7 @@ from kefu.protocol import (
     decode_client_frame,
     encode_msgpack,
 )
+from kefu.routing import Assign, Effect, PositionChanged, Queue, Requeue, Unassign
 
 if TYPE_CHECKING:
     from kefu.node import Node
@@ -50,6 +55,12 @@ MAX_REPLY_FRAMES: Final = 1_000
 #: WebSocket close code for connections whose remote owner restarted or whose Redis came back
 #: (events may have been lost meanwhile): the client reconnects and resumes.
 CLOSE_SERVICE_RESTART: Final = 1012
+#: Drain calls one routing change may chain (each assigns up to the script's drain_limit).
+MAX_DRAIN_ROUNDS: Final = 100
+#: Queued conversations whose position one refresh reads.
+MAX_POSITION_READ: Final = 10_000
+#: Routing calls running in the background at once.
+MAX_BACKGROUND: Final = 10_000
 #: Conversation ids of a cluster node: ``index << CONV_INDEX_SHIFT | 47 random bits`` (63 bits
 #: in all, as a single node's ids).
 CONV_INDEX_SHIFT: Final = 47
@@ -63,7 +74,14 @@ def owner_index(conv: int) -> int:
 class Member:
     """The cluster side of one node (module doc)."""
 
-    def __init__(self, config: ClusterConfig, store: Store) -> None:
+    def __init__(
+        self,
+        config: ClusterConfig,
+        store: Store,
+        *,
+        grace_ms: int = 60_000,
+        max_queue: int = 10_000,
+    ) -> None:
         if config.redis_url is None:
             raise ValueError("a cluster member needs cluster.redis_url")
         self.config = config
@@ -99,11 +117,23 @@ class Member:
         self.restart_closes_total = 0
         self.link.on_node_gone = self._node_gone
         self.link.on_reconnect = self._reconnected
+        self.link.on_node_dead = self._reap
+        self._grace_ms = grace_ms
+        self._max_queue = max_queue
+        self._routing: ClusterRouting | None = None
+        #: Queue positions of the queued conversations owned here, as last told their visitors.
+        self.positions: dict[int, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reporting: set[str] = set()
+        self._dirty: set[str] = set()
+        self.routing_failures_total = 0
 
     def bind(self, node: Node) -> None:
         """Serve the other nodes' calls with ``node`` (before :meth:`start`)."""
         self.node = node
         bus = self.bus
+        bus.on_event("effects", self._on_effects)
+        bus.on_event("moved", self._on_moved)
         bus.on_request("frame", self._serve_frame)
         bus.on_request("attach", self._serve_attach)
         bus.on_request("describe", self._serve_describe)
@@ -117,6 +147,12 @@ class Member:
         if self.store.get_meta(NODE_META) != self.node_id.encode():
             await self.store.put_meta(NODE_META, self.node_id.encode())
         await self.link.start(ws_url=ws_url, http_url=http_url)
+        self._routing = ClusterRouting(
+            self.link.redis,
+            self.config.key_prefix,
+            grace_ms=self._grace_ms,
+            max_queue=self._max_queue,
+        )
         try:
             await self.bus.start()
         except BaseException:
@@ -134,7 +170,15 @@ class Member:
             self.link.key(""),
         )
 
+    @property
+    def routing(self) -> ClusterRouting:
+        if self._routing is None:
+            raise ClusterUnavailable("the cluster link is not started")
+        return self._routing
+
     async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         await self.bus.stop()
         await self.link.stop()
 
@@ -178,6 +222,178 @@ class Member:
             return value
 
         return await self.link.call(agree)
+
+    # -- routing: decisions in Redis, effects applied by each conversation's owner -----------
+
+    async def routed(self, call: Awaitable[Outcome]) -> list[Effect]:
+        """Run a routing call (kefu.cluster.routing); return the effects for conversations
+        owned here, for the caller to apply as a local routing's. The others go to their
+        owners, with the nodes of each newly assigned agent, which then follow the
+        conversation. Raises what the call raises (nothing changed) or ClusterUnavailable."""
+        outcome = await call
+        effects = list(outcome.effects)
+        moved = outcome.moved_from
+        rounds = 0
+        while outcome.more and rounds < MAX_DRAIN_ROUNDS:
+            rounds += 1
+            outcome = await self.routing.drain()
+            effects += outcome.effects
+            if outcome.moved_from is not None:
+                moved = outcome.moved_from if moved is None else min(moved, outcome.moved_from)
+        agents = sorted({e.agent_id for e in effects if isinstance(e, Assign)})
+        nodes_of = await self.agent_nodes(agents) if agents else {}
+        local: list[Effect] = []
+        remote: dict[str, list[Effect]] = {}
+        for effect in effects:
+            if self.is_local(effect.conv):
+                local.append(effect)
+            else:
+                remote.setdefault(await self.owner_of(effect.conv), []).append(effect)
+        for owner, owned in remote.items():
+            body = ([_effect_row(e) for e in owned], nodes_of)
+            try:
+                self.bus.emit(owner, "effects", body)
+            except ClusterUnavailable:
+                self.routing_failures_total += 1
+                log.error("cluster: effects for node %s not sent: %s", owner, owned)
+        self._follow_assigned(local, nodes_of)
+        if moved is not None:
+            for other in self.link.live_nodes:
+                if other != self.node_id:
+                    with contextlib.suppress(ClusterUnavailable):
+                        self.bus.emit(other, "moved", moved)
+            self.refresh_positions()
+        return local
+
+    def _follow_assigned(self, effects: list[Effect], nodes_of: dict[str, list[str]]) -> None:
+        """The nodes of an agent who gets a conversation follow it from now on; queue
+        positions are noted for the visitors."""
+        positions = self.positions
+        for effect in effects:
+            if isinstance(effect, Assign):
+                positions.pop(effect.conv, None)
+                for node in nodes_of.get(effect.agent_id, ()):
+                    with contextlib.suppress(ClusterUnavailable):
+                        self.watch(effect.conv, node)
+            elif isinstance(effect, (Queue, PositionChanged)):
+                positions[effect.conv] = effect.position
+
+    def _on_effects(self, sender: str, body: Any) -> None:
+        rows, nodes_of = body
+        effects = [_row_effect(row) for row in rows]
+        effects = [e for e in effects if self.is_local(e.conv)]
+        self._follow_assigned(effects, nodes_of)
+        node = cast("Node", self.node)
+        node._run_effects(effects)
+
+    async def agent_nodes(self, agents: list[str]) -> dict[str, list[str]]:
+        """The nodes where each agent has a connection (kefu.cluster.routing's ``ac:``)."""
+        keys = [f"{self.config.key_prefix}route:ac:{a}" for a in agents]
+
+        async def read(r: Any) -> list[Any]:
+            pipe = r.pipeline(transaction=False)
+            for key in keys:
+                pipe.hkeys(key)
+            return list(await pipe.execute())
+
+        found = await self.link.call(read)
+        return {a: [n.decode() for n in nodes] for a, nodes in zip(agents, found, strict=True)}
+
+    def _on_moved(self, sender: str, body: Any) -> None:
+        self.refresh_positions()
+
+    def refresh_positions(self) -> None:
+        """Queue positions may have moved: read those of the queued conversations owned here
+        and tell each visitor whose position changed (in the background)."""
+        if self.positions:
+            self.spawn(self._refresh_positions(), "queue positions")
+
+    async def _refresh_positions(self) -> None:
+        convs = list(self.positions)[:MAX_POSITION_READ]
+        ranks = await self.routing.positions(convs)
+        effects: list[Effect] = []
+        for conv, rank in zip(convs, ranks, strict=True):
+            if rank is None:
+                continue  # assigned meanwhile: its Assign says so
+            if self.positions.get(conv) != rank:
+                self.positions[conv] = rank
+                effects.append(PositionChanged(conv, rank))
+        if effects:
+            cast("Node", self.node)._notify(effects)
+
+    def spawn(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        """Run ``coro`` in the background (a routing change from a synchronous path); its
+        ClusterUnavailable or refusal is logged and counted."""
+        if len(self._tasks) >= MAX_BACKGROUND:
+            self.routing_failures_total += 1
+            log.error("cluster: %s dropped: %d background calls already", what, MAX_BACKGROUND)
+            coro.close()
+            return
+
+        async def guarded() -> None:
+            try:
+                await coro
+            except KefuError as exc:
+                self.routing_failures_total += 1
+                log.warning("cluster: %s failed: %s", what, exc)
+
+        task = asyncio.get_running_loop().create_task(guarded())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def apply_later(self, call: Awaitable[Outcome], what: str) -> None:
+        """``routed(call)`` in the background, its local effects applied when it answers."""
+
+        async def run() -> None:
+            effects = await self.routed(call)
+            if effects:
+                cast("Node", self.node)._run_effects(effects)
+
+        self.spawn(run(), what)
+
+    def report_agent(self, agent_id: str) -> None:
+        """The agent's status or connections here changed: tell the cluster's routing. One
+        report in flight per agent, always of the latest state, so reports cannot overtake
+        each other on their way to Redis."""
+        if agent_id in self._reporting:
+            self._dirty.add(agent_id)
+            return
+        if len(self._reporting) >= MAX_BACKGROUND:
+            self.routing_failures_total += 1
+            log.error("cluster: the state of agent %s not reported (too many reports)", agent_id)
+            return
+        self._reporting.add(agent_id)
+        self.spawn(self._report(agent_id), f"the state of agent {agent_id}")
+
+    async def _report(self, agent_id: str) -> None:
+        node = cast("Node", self.node)
+        try:
+            while True:
+                self._dirty.discard(agent_id)
+                if agent_id not in node.pool:
+                    return
+                agent = node.pool.get(agent_id)
+                effects = await self.routed(
+                    self.routing.agent_state(
+                        agent_id,
+                        node=self.node_id,
+                        status=agent.status,
+                        connections=agent.connections,
+                        chosen_max_chats=agent.chosen_max_chats,
+                        now_ms=_now_ms(),
+                    )
+                )
+                if effects:
+                    node._run_effects(effects)
+                if agent_id not in self._dirty:
+                    return
+        finally:
+            self._reporting.discard(agent_id)
+
+    async def _reap(self, node: str) -> None:
+        """A node died: its agents' connections there are gone (their grace starts)."""
+        now_ms = _now_ms()
+        await self.routing.drop_node(node, now_ms)
 
     # -- owner side: the conversations this node owns ------------------------------------------
 
@@ -474,3 +690,32 @@ class _Collector:
         if len(self.frames) < MAX_REPLY_FRAMES:
             self.frames.append((kind, data))
         return True
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _effect_row(effect: Effect) -> tuple[Any, ...]:
+    if isinstance(effect, Assign):
+        return ("A", effect.conv, effect.agent_id, effect.group)
+    if isinstance(effect, Queue):
+        return ("Q", effect.conv, effect.position, effect.group)
+    if isinstance(effect, PositionChanged):
+        return ("P", effect.conv, effect.position, None)
+    if isinstance(effect, Unassign):
+        return ("U", effect.conv, effect.agent_id, None)
+    return ("R", effect.conv, effect.agent_id, None)
+
+
+def _row_effect(row: Any) -> Effect:
+    kind, conv, a, b = row
+    if kind == "A":
+        return Assign(conv, a, b)
+    if kind == "Q":
+        return Queue(conv, a, b)
+    if kind == "P":
+        return PositionChanged(conv, a)
+    if kind == "U":
+        return Unassign(conv, a)
+    return Requeue(conv, a)

@@ -132,3 +132,102 @@ def test_visitor_on_one_node_agent_on_another(tmp_path: Path, redis_server: Redi
             await a.stop()
 
     run(body)
+
+
+def two_agents_config(data_dir: Path, url: str) -> Config:
+    return Config(
+        data_dir=str(data_dir),
+        ws=WsConfig(host="127.0.0.1", port=0),
+        agents=[
+            AgentConfig(id="alice", name="Alice", token="alice-token", max_chats=2),
+            AgentConfig(id="bob", name="Bob", token="bob-token", max_chats=2),
+        ],
+        bot=BotConfig(enabled=False),
+        cluster=ClusterConfig(redis_url=url, heartbeat_s=0.1, node_timeout_s=1.0),
+    )
+
+
+async def online(node: Node, token: str) -> ClientConnection:
+    ws, _ = await hello(node, token)
+    await send(ws, type="status", status="online")
+    assert (await recv(ws))["type"] == "status"
+    return ws
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+def test_routing_is_global(tmp_path: Path, redis_server: RedisServer) -> None:
+    """Agents on either node get the conversations made on both, never above capacity; the
+    queue is one queue; an agent chats in a conversation another node owns."""
+
+    async def body() -> None:
+        a = Node(two_agents_config(tmp_path / "a", redis_server.url))
+        b = Node(two_agents_config(tmp_path / "b", redis_server.url))
+        await a.start()
+        await b.start()
+        try:
+            alice = await online(b, "alice-token")  # on b
+            bob = await online(a, "bob-token")  # on a
+            assert a.member is not None
+            routing = a.member.routing
+
+            async def both_online() -> bool:
+                stats = await routing.stats(0)
+                return stats["agents_available"] == 2
+
+            await until(both_online)
+            # One after the other, so the round-robin order is known: alice, bob, alice, bob
+            # (equal weights, ties to the agent added first).
+            made = [
+                await a.create_chat(name="v1"),
+                await a.create_chat(name="v2"),
+                await b.create_chat(name="v3"),
+                await b.create_chat(name="v4"),
+            ]
+            assert [m[3] for m in made] == ["assigned"] * 4
+            convs = [m[0] for m in made]
+            assert await routing.load("alice") == 2 and await routing.load("bob") == 2
+            got_alice = {(await recv(alice, "assigned"))["conv"] for _ in range(2)}
+            got_bob = {(await recv(bob, "assigned"))["conv"] for _ in range(2)}
+            assert got_alice | got_bob == set(convs) and not got_alice & got_bob
+
+            # Both full: the next one waits in the one queue.
+            fifth, _v, fifth_token, status, _c = await b.create_chat(name="v5")
+            assert status == "queued"
+            waiting, _ = await hello(a, fifth_token)  # its visitor on the other node
+            assert (await recv(waiting, "queued"))["position"] == 1
+
+            assert got_alice == {convs[0], convs[2]} and got_bob == {convs[1], convs[3]}
+            # Alice (on b) writes into v1, which a owns; its visitor, on a, reads it.
+            conv, _vid, token, _s, _c = made[0]
+            assert a.member.is_local(int(conv, 16))
+            visitor, _ = await hello(a, token)
+            await send(alice, type="send", conv=conv, client_msg_id="x1", text="hello")
+            assert (await recv(alice, "ack"))["seq"] == 1
+            assert (await recv(visitor, "msg"))["text"] == "hello"
+            await send(visitor, type="send", conv=conv, client_msg_id="y1", text="hi")
+            reply = await recv(alice, "msg")
+            assert (reply["seq"], reply["text"]) == (2, "hi")
+            await visitor.close()
+
+            # Alice closes v1 (a's): her freed slot takes the waiting one, which b owns.
+            first = convs[0]
+            await send(alice, type="close", conv=first)
+            assert (await recv(alice, "closed"))["conv"] == first
+            assigned = await recv(alice, "assigned")
+            assert assigned["conv"] == fifth
+            got = await recv(waiting, "assigned")
+            assert got["agent"]["id"] == "alice"
+            assert await routing.load("alice") == 2
+            for ws in (alice, bob, waiting):
+                await ws.close()
+        finally:
+            await b.stop()
+            await a.stop()
+
+    run(body)
