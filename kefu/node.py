@@ -589,20 +589,7 @@ class Node:
                 )
                 self.member.bind(self)
                 await self.member.start(ws_url=cfg.ws.public_url, http_url=None)
-                for known in self.pool:
-                    # The cluster's pool has every node's agents (the same file, as a rule).
-                    self._run_effects(
-                        await self.member.routed(
-                            self.member.routing.upsert_agent(
-                                known.id,
-                                weight=known.weight,
-                                max_chats=known.max_chats,
-                                groups=known.groups,
-                                disabled=known.disabled,
-                            )
-                        )
-                    )
-                await self._rejoin_queue()
+                await self.announce()
                 # Every node signs with the cluster's secret: a token one node gave out opens
                 # the conversation on any other.
                 secret = await self.member.shared_secret(secret)
@@ -691,26 +678,57 @@ class Node:
         # top_seq, and rewriting every open conversation could pass the store's write budget.
         await asyncio.gather(*self._apply_states(effects))
 
-    async def _rejoin_queue(self) -> None:
-        """Cluster mode, at start: the queued conversations owned here take their place in the
-        cluster's queue (kept there across this node's restart; routed again if Redis lost
-        them), and their positions are noted for their visitors."""
+    async def announce(self) -> None:
+        """Cluster mode: tell the cluster's routing this node's agents (the same file on every
+        node, as a rule), their state here, and the queued conversations owned here. At start,
+        and again when Redis comes back (it may have lost its data)."""
         member = cast("Member", self.member)
-        queued = [s.id for s in self.conversations if s.status == "queued"]
-        ranks = await member.routing.positions(queued)
-        for conv, rank in zip(queued, ranks, strict=True):
-            if rank is not None:
-                member.positions[conv] = rank
-                continue
-            state = self.conversations.get(conv)
-            if state is None or await member.routing.assigned_to(conv) is not None:
-                continue
-            try:
-                effects = await member.routed(member.routing.route(conv, _now_ms(), state.group))
-            except RoutingError as exc:
-                log.warning("conversation %x: not queued again: %s", conv, exc)
-                continue
-            self._run_effects(effects)
+        for known in self.pool:
+            self._run_effects(
+                await member.routed(
+                    member.routing.upsert_agent(
+                        known.id,
+                        weight=known.weight,
+                        max_chats=known.max_chats,
+                        groups=known.groups,
+                        disabled=known.disabled,
+                    )
+                )
+            )
+            if known.connections:
+                member.report_agent(known.id)
+        await self._reconcile()
+
+    async def _reconcile(self) -> None:
+        """Cluster mode: the conversations owned here that wait for or have a human agree with
+        the cluster's routing. What the routing decided while this node was away (a dead
+        agent's conversations given to another, a queue that moved) is applied here now; a
+        conversation the routing does not know (Redis lost its data) is routed again."""
+        member = cast("Member", self.member)
+        routing = member.routing
+        waiting = [s for s in self.conversations if s.status in ("queued", "assigned")]
+        for chunk in range(0, len(waiting), 500):
+            states = waiting[chunk : chunk + 500]
+            ranks = await routing.positions([s.id for s in states])
+            for state, rank in zip(states, ranks, strict=True):
+                conv = state.id
+                if rank is not None:
+                    member.positions[conv] = rank
+                    if state.status != "queued":
+                        self._run_effects([Queue(conv, rank, state.group)])
+                    continue
+                agent = await routing.assigned_to(conv)
+                if agent is not None:
+                    if agent != state.agent_id:
+                        self._run_effects([Assign(conv, agent, state.group)])
+                    continue
+                log.warning("conversation %x: unknown to the cluster's routing; routed again", conv)
+                try:
+                    effects = await member.routed(routing.route(conv, _now_ms(), state.group))
+                except RoutingError as exc:
+                    log.warning("conversation %x: not routed again: %s", conv, exc)
+                    continue
+                self._run_effects(effects)
 
     async def stop(self) -> None:
         if self._timer is not None:
@@ -1242,8 +1260,6 @@ class Node:
                     raise
                 for effect in effects:
                     self.conversations.apply(effect)
-                if member is not None:
-                    member._follow_assigned(effects, {})
             try:
                 fut = store.put_conversation(state.to_stored())
             except StoreError:
@@ -1279,6 +1295,12 @@ class Node:
         ``principal=None`` with role ``visitor`` acts as the conversation's visitor (a caller
         the HTTP front already authorised for the session, e.g. with the API key).
         """
+        member = self.member
+        if member is not None and (remote := _remote_conv_hex(member, session_id)) is not None:
+            raw = await member.call_owner(
+                remote, "send", (session_id, text, client_msg_id, role, principal)
+            )
+            return msgspec.msgpack.decode(raw, type=SendResult)
         state = self._session(session_id)
         if principal is None:
             if role != "visitor":
@@ -1298,6 +1320,10 @@ class Node:
         self, session_id: str, *, by: str = "visitor", principal: str | None = None
     ) -> None:
         """Close ``session_id`` as ``by`` (``visitor``, ``agent`` or ``admin``); idempotent."""
+        member = self.member
+        if member is not None and (remote := _remote_conv_hex(member, session_id)) is not None:
+            await member.call_owner(remote, "close", (session_id, by, principal))
+            return
         state = self._session(session_id)
         if by == "visitor" and principal is not None and state.visitor_id != principal:
             raise Forbidden("you may not see this conversation")
@@ -1308,6 +1334,24 @@ class Node:
         if state.status == "closed":
             return
         await asyncio.gather(*self._end(state, by, by, _now_ms()))
+
+    async def history_anywhere(
+        self,
+        session_id: str,
+        after: int = 0,
+        limit: int = 50,
+        *,
+        role: str = "visitor",
+        principal: str | None = None,
+    ) -> HistoryResponse:
+        """:meth:`history`, read from the owner when another node of the cluster owns it."""
+        member = self.member
+        if member is not None and (remote := _remote_conv_hex(member, session_id)) is not None:
+            raw = await member.call_owner(
+                remote, "history", (session_id, after, limit, role, principal)
+            )
+            return msgspec.msgpack.decode(raw, type=HistoryResponse)
+        return self.history(session_id, after, limit, role=role, principal=principal)
 
     def history(
         self,
@@ -2344,7 +2388,18 @@ class Node:
         """Move the conversations with routing's effects and enqueue their records."""
         futures: list[asyncio.Future[None]] = []
         for effect in effects:
-            state = self.conversations.apply(effect)
+            if self.member is None:
+                state = self.conversations.apply(effect)
+            else:
+                try:
+                    state = self.conversations.apply(effect)
+                except KefuError as exc:
+                    # A decision that crossed this conversation's end on its way here: the
+                    # cluster's routing takes the slot back.
+                    log.warning("routing effect %s not applied: %s", effect, exc)
+                    if isinstance(effect, Assign):
+                        self.member.apply_later(self.member.routing.release(effect.conv), "release")
+                    continue
             if state is not None:
                 try:
                     futures.append(self.store.put_conversation(state.to_stored()))

@@ -132,6 +132,7 @@ class Member:
         """Serve the other nodes' calls with ``node`` (before :meth:`start`)."""
         self.node = node
         bus = self.bus
+        bus.on_request("rest", self._serve_rest)
         bus.on_event("effects", self._on_effects)
         bus.on_event("moved", self._on_moved)
         bus.on_request("frame", self._serve_frame)
@@ -478,6 +479,31 @@ class Member:
                 node._visitor_status(cast("Connection", out), state)
         return [states, out.frames]
 
+    async def call_owner(self, conv: int, op: str, args: tuple[Any, ...]) -> Any:
+        """A REST call about ``conv``, answered by its owner (send, close, history)."""
+        owner = await self.owner_of(conv)
+        self.forwarded_total += 1
+        return await self.bus.request(owner, "rest", (op, *args))
+
+    async def _serve_rest(self, sender: str, body: Any) -> Any:
+        node = cast("Node", self.node)
+        op, *args = body
+        if op == "send":
+            session_id, text, client_msg_id, role, principal = args
+            result = await node.send_message(
+                session_id, text, client_msg_id, role=role, principal=principal
+            )
+            return encode_msgpack(result)
+        if op == "close":
+            session_id, by, principal = args
+            await node.close_chat(session_id, by=by, principal=principal)
+            return None
+        if op == "history":
+            session_id, after, limit, role, principal = args
+            page = node.history(session_id, after, limit, role=role, principal=principal)
+            return encode_msgpack(page)
+        raise ValueError(f"unknown call {op!r}")
+
     async def _serve_describe(self, sender: str, body: Any) -> bytes | None:
         node = cast("Node", self.node)
         role, principal, conv_hex = body
@@ -609,8 +635,10 @@ class Member:
         self._close_followers(node, "the conversation's node is gone")
 
     async def _reconnected(self) -> None:
-        """Redis is back: what Pub/Sub carried meanwhile is lost, so followers resume."""
+        """Redis is back: what Pub/Sub carried meanwhile is lost, so followers resume; and
+        Redis may have lost its data, so the node announces itself again."""
         self._close_followers(None, "the cluster's link was cut")
+        await cast("Node", self.node).announce()
 
     def health(self) -> str:
         return "ok" if self.link.up else "unavailable"

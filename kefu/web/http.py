@@ -205,6 +205,7 @@ STATUS_OF_CODE: Final[dict[str, int]] = {
     "busy": 503,
     "unavailable": 503,
     "too_many_conversations": 503,
+    "cluster_unavailable": 503,
 }
 
 #: aiohttp's own refusals (raised by its router and body reader) -> error code.
@@ -615,7 +616,9 @@ class HttpServer:
             if not is_conv_id(session_id):
                 raise _Refusal("not_found", "no such session")
             return _json(
-                self.node.history(session_id, after, limit, role="admin", principal="admin")
+                await self.node.history_anywhere(
+                    session_id, after, limit, role="admin", principal="admin"
+                )
             )
         agent = self.node.agent_of_token(token)
         if agent is not None:
@@ -623,12 +626,16 @@ class HttpServer:
             # queued one): the workbench pages the history it was not sent with `assigned`.
             if not is_conv_id(session_id):
                 raise _Refusal("not_found", "no such session")
-            page = self.node.history(session_id, after, limit, role="agent", principal=agent)
+            page = await self.node.history_anywhere(
+                session_id, after, limit, role="agent", principal=agent
+            )
             return _json(page)
         visitor = self._session_caller(token, session_id)
         if not is_conv_id(session_id):  # only the API key gets here with such an id
             raise _Refusal("not_found", "no such session")
-        page = self.node.history(session_id, after, limit, role="visitor", principal=visitor)
+        page = await self.node.history_anywhere(
+            session_id, after, limit, role="visitor", principal=visitor
+        )
         return _json(page)
 
     # -- the agent workbench ----------------------------------------------------------------

@@ -26,8 +26,10 @@ def free_port() -> int:
 class RedisServer:
     """One ``redis-server`` process; ``url`` stays the same across stop/start."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *, persistent: bool = False) -> None:
         self.workdir = workdir
+        #: Append-only file synced on every write: the data survives a SIGKILL and a restart.
+        self.persistent = persistent
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -42,7 +44,8 @@ class RedisServer:
                 "--port", str(self.port),
                 "--bind", "127.0.0.1",
                 "--save", "",
-                "--appendonly", "no",
+                "--appendonly", "yes" if self.persistent else "no",
+                "--appendfsync", "always",
                 "--dir", str(self.workdir),
                 "--protected-mode", "no",
                 "--maxclients", "1000",

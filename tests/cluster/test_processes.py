@@ -1,0 +1,302 @@
+"""Three ``kefu serve --cluster`` processes and one real redis-server: visitors and agents
+spread over the nodes; a node killed with SIGKILL during traffic; Redis stopped for 5 s during
+traffic. Every acknowledged message must be in its conversation's history at the end, once,
+in a gap-free sequence."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aredis
+from websockets.exceptions import WebSocketException
+
+from kefu.cluster.routing import ClusterRouting
+from tests.cluster.redis_server import RedisServer
+from tests.e2e.harness import (
+    Closed,
+    ServerProcess,
+    WsClient,
+    agent,
+    config,
+    run,
+)
+
+GRACE_S = 1.0
+
+
+def cluster_config(url: str, agents: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return config(
+        agents,
+        cluster={"redis_url": url, "heartbeat_s": 0.2, "node_timeout_s": 2.0},
+        routing={"agent_grace_s": GRACE_S},
+        ws={"rate": {"per_second": 10_000.0, "burst": 10_000}},
+        **extra,
+    )
+
+
+@pytest.fixture
+def start_nodes(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
+    """``start_nodes(agents)``: three nodes with those agents (the same file on each)."""
+    servers: list[ServerProcess] = []
+
+    def start(agents: list[dict[str, Any]]) -> list[ServerProcess]:
+        cfg = cluster_config(redis_server.url, agents)
+        for i in range(3):
+            workdir = tmp_path / f"node{i}"
+            workdir.mkdir()
+            server = ServerProcess(workdir, cfg)
+            servers.append(server)
+            server.start()
+        return servers
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.close()
+
+
+async def stats(url: str) -> dict[str, int]:
+    client = aredis.Redis.from_url(url)
+    try:
+        return await ClusterRouting(client).stats(int(time.time() * 1000))
+    finally:
+        await client.aclose()
+
+
+async def loads(url: str, agents: list[str]) -> dict[str, int]:
+    client = aredis.Redis.from_url(url)
+    try:
+        routing = ClusterRouting(client)
+        return {a: await routing.load(a) for a in agents}
+    finally:
+        await client.aclose()
+
+
+async def until(check: Any, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout}s"
+        await asyncio.sleep(0.05)
+
+
+def test_three_nodes_chat_route_and_resume(start_nodes: Any, redis_server: RedisServer) -> None:
+    nodes = start_nodes([agent("alice", max_chats=3), agent("bob", max_chats=3, weight=2)])
+
+    async def body() -> None:
+        n0, n1, n2 = nodes
+        alice = await n0.agent("alice")
+        bob = await n1.agent("bob")
+        url = redis_server.url
+
+        async def two_online() -> bool:
+            return (await stats(url))["agents_available"] == 2
+
+        await until(two_online, what="alice and bob online")
+        # Concurrent creates from all three nodes: 9 conversations, 6 slots (3 + 3).
+        made: list[tuple[ServerProcess, dict[str, Any]]] = []
+
+        async def create(node: ServerProcess) -> None:
+            async with node.rest() as api:
+                made.append((node, await api.create_chat(name="v")))
+
+        await asyncio.gather(*(create(n) for n in (n0, n1, n2) for _ in range(3)))
+        statuses = sorted(m["status"] for _, m in made)
+        assert statuses == ["assigned"] * 6 + ["queued"] * 3, statuses
+        assert await loads(url, ["alice", "bob"]) == {"alice": 3, "bob": 3}
+        held = {"alice": set(), "bob": set()}
+        for name, ws in (("alice", alice), ("bob", bob)):
+            for _ in range(3):
+                held[name].add((await ws.recv("assigned"))["conv"])
+        assigned = {m["session_id"] for _, m in made if m["status"] == "assigned"}
+        assert held["alice"] | held["bob"] == assigned
+
+        # Every visitor connects to a node that does not own its conversation, and chats.
+        visitors: dict[str, WsClient] = {}
+        tokens: dict[str, str] = {}
+        for owner, m in made:
+            other = nodes[(nodes.index(owner) + 1) % 3]
+            client, welcome = await other.ws(m["token"])
+            assert welcome["convs"][0]["conv"] == m["session_id"]
+            visitors[m["session_id"]] = client
+            tokens[m["session_id"]] = m["token"]
+        for conv in sorted(assigned):
+            v = visitors[conv]
+            ack = await v.say(conv, "v-1", "hello")
+            assert (ack["seq"], ack["dup"]) == (1, False)
+            who = alice if conv in held["alice"] else bob
+            got = await who.recv_match("msg", conv=conv)
+            assert got["text"] == "hello"
+            ack = await who.say(conv, f"a-{conv}", "hi")
+            assert ack["seq"] == 2
+            assert (await v.recv_match("msg", conv=conv, seq=2))["text"] == "hi"
+            again = await v.say(conv, "v-1", "hello")
+            assert (again["seq"], again["dup"]) == (1, True)
+
+        # Resume through yet another node: what was missed, then live.
+        conv = sorted(held["alice"])[0]
+        await visitors[conv].close()
+        ack = await alice.say(conv, "a-missed", "you missed this")
+        assert ack["seq"] == 3
+        third = nodes[(nodes.index(next(o for o, m in made if m["session_id"] == conv)) + 2) % 3]
+        back, _ = await third.ws(tokens[conv], resume=[{"conv": conv, "epoch": 1, "last_seq": 2}])
+        missed, resumed = await back.replay(conv)
+        assert [m["seq"] for m in missed] == [3] and resumed["to_seq"] == 3
+        # History through a node that does not own it.
+        async with third.rest() as api:
+            page = await api.history(conv, tokens[conv])
+        assert [m["seq"] for m in page["messages"]] == [1, 2, 3]
+
+        # Closing frees a slot: the oldest queued conversation (wherever it lives) takes it.
+        queued = [m for _, m in made if m["status"] == "queued"]
+        await back.send(type="close", conv=conv)
+        await back.recv("closed")
+        taken = await alice.recv("assigned")
+        assert taken["conv"] in {m["session_id"] for m in queued}
+        assert (await loads(url, ["alice", "bob"]))["alice"] == 3
+        for client in [alice, bob, back, *visitors.values()]:
+            await client.close()
+
+    run(body)
+
+
+class Visitor:
+    """A visitor that keeps sending numbered messages, and after any failure reconnects to
+    a live node, resumes and sends the unacknowledged one again (same client_msg_id)."""
+
+    def __init__(self, conv: str, token: str, nodes: list[ServerProcess], seed: int) -> None:
+        self.conv = conv
+        self.token = token
+        self.nodes = nodes
+        self.rng = random.Random(seed)
+        self.client: WsClient | None = None
+        self.acked: dict[str, int] = {}  # client_msg_id -> seq
+        self.retries = 0
+        self.failures: list[str] = []
+        self.last_seq = 0
+
+    async def connect(self) -> None:
+        live = [n for n in self.nodes if n.proc is not None]
+        node = self.rng.choice(live)
+        resume = [{"conv": self.conv, "epoch": 1, "last_seq": self.last_seq}]
+        self.client, _ = await node.ws(self.token, resume=resume)
+
+    async def send_one(self, n: int, deadline: float) -> None:
+        cid = f"{self.conv}-{n}"
+        while time.monotonic() < deadline:
+            try:
+                if self.client is None:
+                    await self.connect()
+                assert self.client is not None
+                await self.client.send(type="send", conv=self.conv, client_msg_id=cid, text=cid)
+                frame = await self.client.recv_until(
+                    lambda f: (
+                        (f["type"] == "ack" and f["client_msg_id"] == cid)
+                        or (f["type"] == "error" and f.get("ref") == cid)
+                    )
+                )
+                if frame["type"] == "ack":
+                    self.acked[cid] = frame["seq"]
+                    self.last_seq = max(self.last_seq, frame["seq"])
+                    return
+            except (Closed, OSError, AssertionError, TimeoutError, WebSocketException) as exc:
+                # The node went away under the client (or refused: cluster_unavailable):
+                # reconnect, resume, send the same message again.
+                self.failures.append(repr(exc)[:200])
+            self.retries += 1
+            if self.client is not None:
+                self.client.drop()
+                self.client = None
+            await asyncio.sleep(0.2)
+        raise AssertionError(
+            f"{cid} not acknowledged in time (retries {self.retries}: {self.failures[-3:]})"
+        )
+
+
+async def check_histories(node: ServerProcess, visitors: list[Visitor]) -> int:
+    """Every acked message in its history, once, with its seq; seqs gap-free."""
+    total = 0
+    async with node.rest() as api:
+        for v in visitors:
+            messages = await api.full_history(v.conv, v.token)
+            seqs = [m["seq"] for m in messages]
+            assert seqs == list(range(1, len(seqs) + 1)), (v.conv, seqs)
+            by_cid = {}
+            for m in messages:
+                cid = m.get("client_msg_id")
+                if cid is not None:
+                    assert cid not in by_cid, f"{cid} stored twice"
+                    by_cid[cid] = m["seq"]
+            for cid, seq in v.acked.items():
+                assert by_cid.get(cid) == seq, (cid, seq, by_cid.get(cid))
+            total += len(v.acked)
+    return total
+
+
+def test_a_node_killed_during_traffic(start_nodes: Any, redis_server: RedisServer) -> None:
+    nodes = start_nodes([agent("alice", max_chats=10), agent("bob", max_chats=10)])
+
+    async def body() -> None:
+        n0, n1, n2 = nodes
+        url = redis_server.url
+        alice = await n0.agent("alice")
+        bob = await n1.agent("bob")  # on the node that dies
+
+        async def two_online() -> bool:
+            return (await stats(url))["agents_available"] == 2
+
+        await until(two_online, what="alice and bob online")
+        visitors: list[Visitor] = []
+        for i, owner in enumerate([n1, n1, n2, n2]):  # two conversations owned by n1
+            async with owner.rest() as api:
+                m = await api.create_chat(name=f"v{i}")
+            assert m["status"] == "assigned"
+            visitors.append(Visitor(m["session_id"], m["token"], nodes, seed=i))
+        assert await loads(url, ["alice", "bob"]) == {"alice": 2, "bob": 2}
+        deadline = time.monotonic() + 60
+        counter = itertools.count()
+
+        async def traffic(v: Visitor, count: int) -> None:
+            for _ in range(count):
+                await v.send_one(next(counter), deadline)
+                await asyncio.sleep(0.05)  # paced: the traffic outlasts the kill
+
+        running = asyncio.gather(*(traffic(v, 40) for v in visitors))
+        await asyncio.sleep(0.5)
+        n1.kill()  # SIGKILL: no flush, no goodbye
+        killed_at = time.monotonic()
+
+        # Bob's only connection died with n1: offline after node_timeout + grace, and his
+        # conversations go to alice, the one left.
+        async def bob_gone() -> bool:
+            got = await loads(url, ["alice", "bob"])
+            return (await stats(url))["agents_available"] == 1 and got == {"alice": 4, "bob": 0}
+
+        await until(bob_gone, timeout=30, what="bob offline and his chats with alice")
+        assert time.monotonic() - killed_at >= GRACE_S
+        async with n2.rest() as api:
+            fresh = await api.create_chat(name="fresh")
+        assert fresh["status"] == "assigned"
+        got = await alice.recv_match("assigned", conv=fresh["session_id"])
+        assert got["agent"]["id"] == "alice"
+        await asyncio.sleep(0.5)
+        n1.start()  # its conversations are its own again (its RocksDB)
+        await asyncio.wait_for(running, 90)
+        total = await check_histories(n0, visitors)
+        assert total == 160
+        assert sum(v.retries for v in visitors) > 0  # the kill was felt
+        # Every conversation is alice's now, on its owner too: she writes in one of n1's.
+        conv = visitors[0].conv
+        ack = await alice.say(conv, "after", "back again")
+        assert ack["dup"] is False
+        alice.drop()
+        bob.drop()
+
+    run(body, timeout=150)
