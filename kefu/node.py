@@ -2354,7 +2354,7 @@ class Node:
             return
         encoded = Encoded(frame)
         self.hub.send(keys, encoded, skip)
-        member.fan_out(state.id, keys, encoded, skip)
+        member.fan_out(state.id, keys, encoded, skip, self._participants(state))
 
     def _followed(self, state: ConversationState) -> bool:
         """Whether another node follows ``state`` (kefu.cluster)."""

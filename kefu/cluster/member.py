@@ -410,7 +410,12 @@ class Member:
         nodes.add(node)
 
     def fan_out(
-        self, conv: int, keys: list[Principal], frame: object, skip: Principal | None
+        self,
+        conv: int,
+        keys: list[Principal],
+        frame: object,
+        skip: Principal | None,
+        participants: list[Principal],
     ) -> None:
         """``frame`` for ``keys`` to every node that follows ``conv`` (after the local
         delivery; Pub/Sub may drop it, a resume recovers it)."""
@@ -418,7 +423,7 @@ class Member:
         if not nodes:
             return
         encoded = frame if isinstance(frame, Encoded) else Encoded(frame)
-        body = (conv, keys, skip, encoded.kind, encoded.msgpack())
+        body = (conv, keys, skip, encoded.kind, encoded.msgpack(), participants)
         self.fanned_out_total += 1
         for node in list(nodes):
             try:
@@ -514,17 +519,22 @@ class Member:
     # -- non-owner side: conversations owned elsewhere ----------------------------------------
 
     def _on_frames(self, sender: str, body: Any) -> None:
-        conv, keys, skip, kind, data = body
+        conv, keys, skip, kind, data, participants = body
         node = cast("Node", self.node)
         exclude = self._attaching.get(conv, ())
-        sent = node.hub.send(
+        hub = node.hub
+        sent = hub.send(
             [(k[0], k[1]) for k in keys],
             Encoded.from_msgpack(data, kind),
             None if skip is None else (skip[0], skip[1]),
             exclude,
         )
-        if not sent and not exclude:
-            # Nobody here follows it any more: the owner stops sending (lazily, once).
+        if (
+            not sent
+            and not exclude
+            and not any(hub.is_connected((p[0], p[1])) for p in participants)
+        ):
+            # No participant of it is here any more: the owner stops sending (lazily, once).
             self.detached_total += 1
             with contextlib.suppress(ClusterUnavailable):
                 self.bus.emit(sender, "detach", conv)
