@@ -184,6 +184,7 @@ from kefu.bot.kb import KbError, KbWatcher, sample_kb_path
 from kefu.bot.llm import Endpoint, LlmClient, LlmOptions
 from kefu.bot.policy import BotPolicy, BotTurn, KnowledgeSource
 from kefu.bot.policy import Handoff as BotHandoff
+from kefu.cluster.link import ClusterUnavailable
 from kefu.config import Config
 from kefu.conversations import Conversations, ConversationState, may_see, may_write
 from kefu.errors import KefuError
@@ -286,7 +287,7 @@ from kefu.store import (
     parse_conv_id,
 )
 from kefu.web.ratelimit import Limits
-from kefu.web.ws import AuthError, Connection, WsServer
+from kefu.web.ws import AuthError, Connection, TryAgainLater, WsServer
 
 if TYPE_CHECKING:
     from kefu.cluster.member import Member
@@ -1897,6 +1898,8 @@ class Node:
             # Owned by another node: the welcome carries its state as the owner sees it.
             try:
                 remote = await member.describe(conv, conv_hex, "visitor", visitor_id)
+            except ClusterUnavailable as exc:
+                raise TryAgainLater(f"the conversation is not reachable now: {exc}") from None
             except KefuError as exc:
                 raise AuthError(f"the conversation is not available: {exc}") from None
             return Welcome(
@@ -1922,7 +1925,7 @@ class Node:
         try:
             held = await member.routing.conversations_of(agent_id)
         except KefuError as exc:
-            raise AuthError(f"the cluster is not available: {exc}") from None
+            raise TryAgainLater(f"the cluster is not reachable now: {exc}") from None
         convs: list[ConvState | None] = []
         remote: list[int] = []
         for conv in held:

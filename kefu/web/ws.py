@@ -232,6 +232,11 @@ class AuthError(Exception):
     """Raised by :meth:`FrameHandler.authenticate` for a bad token: close 1008."""
 
 
+class TryAgainLater(Exception):
+    """Raised by :meth:`FrameHandler.authenticate` when the token is good but what it opens
+    cannot be reached now (a cluster node or Redis is away): close 1013, "try again later"."""
+
+
 class FrameHandler(Protocol):
     """What the WebSocket front calls; the node implements it.
 
@@ -859,6 +864,9 @@ class Connection(WSListener):
         except AuthError as exc:
             server.auth_failures += 1
             self.close(1008, str(exc) or "authentication failed")  # PROTOCOL.md: bad token
+            return
+        except TryAgainLater as exc:
+            self.close(1013, str(exc) or "try again later")
             return
         except Exception:
             log.exception("conn %s: authentication failed with an error", self.id)

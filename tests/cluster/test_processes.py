@@ -300,3 +300,86 @@ def test_a_node_killed_during_traffic(start_nodes: Any, redis_server: RedisServe
         bob.drop()
 
     run(body, timeout=150)
+
+
+@pytest.fixture
+def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server whose data survives its restart (append-only file, synced always)."""
+    server = RedisServer(tmp_path / "redis-aof", persistent=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_redis_stopped_for_5s_during_traffic(tmp_path: Path, durable_redis: RedisServer) -> None:
+    agents = [agent("alice", max_chats=10)]
+    cfg = cluster_config(durable_redis.url, agents)
+    nodes: list[ServerProcess] = []
+    try:
+        for i in range(3):
+            workdir = tmp_path / f"node{i}"
+            workdir.mkdir()
+            server = ServerProcess(workdir, cfg)
+            nodes.append(server)
+            server.start()
+
+        async def body() -> None:
+            n0, n1, n2 = nodes
+            url = durable_redis.url
+            alice = await n0.agent("alice")
+
+            async def online() -> bool:
+                return (await stats(url))["agents_available"] == 1
+
+            await until(online, what="alice online")
+            visitors: list[Visitor] = []
+            for i, owner in enumerate([n0, n1, n2]):
+                async with owner.rest() as api:
+                    m = await api.create_chat(name=f"v{i}")
+                assert m["status"] == "assigned"
+                visitors.append(Visitor(m["session_id"], m["token"], nodes, seed=10 + i))
+            deadline = time.monotonic() + 60
+            counter = itertools.count()
+
+            async def traffic(v: Visitor, count: int) -> None:
+                for _ in range(count):
+                    await v.send_one(next(counter), deadline)
+                    await asyncio.sleep(0.05)
+
+            running = asyncio.gather(*(traffic(v, 100) for v in visitors))
+            await asyncio.sleep(0.5)
+            durable_redis.stop()
+            down_at = time.monotonic()
+            # Meanwhile: what needs the cluster is refused with a clear error...
+            async with n1.rest() as api:
+                status, out = await api.call("POST", "/v1/chat/create", {"name": "late"})
+            assert status == 503 and out["error"]["code"] == "cluster_unavailable", out
+            # ...and /healthz says so, while the node stays up.
+            async with n1.rest() as api:
+                status, health = await api.call("GET", "/healthz")
+            assert status == 200 and health["checks"]["redis"] == "unavailable", health
+            await asyncio.sleep(max(0.0, 5.0 - (time.monotonic() - down_at)))
+            durable_redis.start()
+            await asyncio.wait_for(running, 90)
+
+            async def healthy() -> bool:
+                async with n1.rest() as api:
+                    _, health = await api.call("GET", "/healthz")
+                return bool(health["checks"].get("redis") == "ok")
+
+            await until(healthy, what="redis ok again")
+            total = await check_histories(n0, visitors)
+            assert total == 300
+            assert sum(v.retries for v in visitors) > 0  # the outage was felt
+            # The cluster works again: a new conversation is routed to alice.
+            async with n2.rest() as api:
+                fresh = await api.create_chat(name="after")
+            assert fresh["status"] == "assigned"
+            alice.drop()
+
+        run(body, timeout=150)
+    finally:
+        for server in nodes:
+            server.close()
