@@ -111,6 +111,9 @@ class Member:
         self._following: dict[str, set[Connection]] = {}
         self._followed: dict[Connection, set[str]] = {}
         self.forwarded_total = 0
+        self.lag_seconds_total = 0.0
+        self.lag_events_total = 0
+        self.lag_max = 0.0
         self.fanned_out_total = 0
         self.fan_out_dropped_total = 0
         self.detached_total = 0
@@ -423,7 +426,7 @@ class Member:
         if not nodes:
             return
         encoded = frame if isinstance(frame, Encoded) else Encoded(frame)
-        body = (conv, keys, skip, encoded.kind, encoded.msgpack(), participants)
+        body = (conv, keys, skip, encoded.kind, encoded.msgpack(), participants, time.time())
         self.fanned_out_total += 1
         for node in list(nodes):
             try:
@@ -519,7 +522,11 @@ class Member:
     # -- non-owner side: conversations owned elsewhere ----------------------------------------
 
     def _on_frames(self, sender: str, body: Any) -> None:
-        conv, keys, skip, kind, data, participants = body
+        conv, keys, skip, kind, data, participants, sent_at = body
+        lag = max(0.0, time.time() - sent_at)  # the nodes' clocks: NTP-close, as token expiry's
+        self.lag_seconds_total += lag
+        self.lag_events_total += 1
+        self.lag_max = max(self.lag_max, lag)
         node = cast("Node", self.node)
         exclude = self._attaching.get(conv, ())
         hub = node.hub
@@ -671,6 +678,29 @@ class Member:
                 "Times Redis came back after being down.", link.reconnects_total),
             one("kefu_cluster_nodes_reaped_total", "counter",
                 "Dead nodes whose duties this node took over.", link.reaped_total),
+            one("kefu_cluster_forwarded_total", "counter",
+                "Commands and REST calls of local clients forwarded to their conversation's "
+                "owner.", self.forwarded_total),
+            one("kefu_cluster_fan_out_total", "counter",
+                "Frames sent to the other nodes that follow a conversation owned here.",
+                self.fanned_out_total),
+            one("kefu_cluster_fan_out_dropped_total", "counter",
+                "Frames for other nodes dropped (outbound queue full; a resume recovers them).",
+                self.fan_out_dropped_total),
+            one("kefu_cluster_pubsub_lag_seconds_total", "counter",
+                "Sum of the delays from an owner's fan-out to its arrival here (divide by "
+                "kefu_cluster_pubsub_lag_events_total for the mean).", self.lag_seconds_total),
+            one("kefu_cluster_pubsub_lag_events_total", "counter",
+                "Frames from owners whose delay was measured.", self.lag_events_total),
+            one("kefu_cluster_pubsub_lag_max_seconds", "gauge",
+                "Longest delay from an owner's fan-out to its arrival here since the last "
+                "scrape.", self._take_lag_max()),
+            one("kefu_cluster_follower_closes_total", "counter",
+                "Connections closed (1012) to resume after their conversation's node restarted "
+                "or died, or Redis came back.", self.restart_closes_total),
+            one("kefu_cluster_routing_failures_total", "counter",
+                "Routing changes made in the background that failed (logged).",
+                self.routing_failures_total),
             one("kefu_cluster_requests_total", "counter",
                 "Requests sent to other nodes.", bus.requests_total),
             one("kefu_cluster_request_timeouts_total", "counter",
@@ -686,6 +716,10 @@ class Member:
                 "Requests from other nodes refused because too many were being handled.",
                 bus.busy_total),
         ]  # fmt: skip
+
+    def _take_lag_max(self) -> float:
+        lag, self.lag_max = self.lag_max, 0.0
+        return lag
 
     def stats(self) -> dict[str, Any]:
         link = self.link

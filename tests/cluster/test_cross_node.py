@@ -127,11 +127,28 @@ def test_visitor_on_one_node_agent_on_another(tmp_path: Path, redis_server: Redi
             assert (await recv(back, "closed"))["conv"] == conv
             for ws in (agent, back):
                 await ws.close()
+            # b forwarded the visitor's commands and received a's frames; a sent them.
+            b_metrics = metric_values(b.metrics_text().decode())
+            a_metrics = metric_values(a.metrics_text().decode())
+            assert b_metrics["kefu_cluster_forwarded_total"] >= 5
+            assert b_metrics["kefu_cluster_pubsub_lag_events_total"] >= 5
+            assert a_metrics["kefu_cluster_fan_out_total"] >= 5
+            assert a_metrics["kefu_cluster_forwarded_total"] == 0
         finally:
             await b.stop()
             await a.stop()
 
     run(body)
+
+
+def metric_values(text: str) -> dict[str, float]:
+    """Unlabelled samples of a Prometheus exposition."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
 
 
 def two_agents_config(data_dir: Path, url: str) -> Config:
