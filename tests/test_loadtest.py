@@ -162,3 +162,29 @@ def test_histogram_percentiles_within_one_percent(q: float) -> None:
     got = h.percentile_ms(q)
     assert got is not None and abs(got - exact) <= 0.01 * exact + 0.001
     assert h.percentile_ms(100) == max(values_us) / 1000
+
+
+def test_cluster_cross_placement_accounts_for_every_message(tmp_path: Path) -> None:
+    # Two nodes on one spawned Redis; every visitor on the node that does not own its
+    # conversation, every agent likewise: each message crosses nodes, none may be lost.
+    proc, report = _run(
+        tmp_path,
+        *["chat", "--visitors", "20", "--rate", "100", "--duration", "2", "--reply-every", "2"],
+        *["--nodes", "2", "--placement", "cross"],
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.startswith("OK: 0 lost, 0 duplicated")
+    assert "cluster: 2 nodes, placement cross" in proc.stdout
+    res = report["result"]
+    assert (res["nodes"], res["placement"]) == (2, "cross")
+    assert res["agents"] == 2 and res["connected"] == 22 and res["connect_failed"] == 0
+    assert res["create_status"] == {"assigned": 20}
+    assert res["misplaced"] == 0  # each agent took the conversations of the other node
+    assert res["connections_per_node"] == [11, 11]
+    _check_accounting(res["accounting"], sent_at_least=100)
+    assert [n["node"] for n in res["nodes_cpu_rss"]] == [0, 1]
+    assert all(n["rss_max_bytes"] > 0 for n in res["nodes_cpu_rss"])
+    memory = res["redis"]["used_memory_bytes"]
+    assert 0 < memory["empty"] < memory["after_connect"]
+    assert res["redis"]["rss_max_bytes"] > 0
+    assert res["server_exit_code"] == [0, 0]

@@ -530,12 +530,20 @@ class Member:
         node = cast("Node", self.node)
         exclude = self._attaching.get(conv, ())
         hub = node.hub
+        targets = [(k[0], k[1]) for k in keys]
         sent = hub.send(
-            [(k[0], k[1]) for k in keys],
+            targets,
             Encoded.from_msgpack(data, kind),
             None if skip is None else (skip[0], skip[1]),
             exclude,
         )
+        if sent:
+            # These connections follow a conversation of ``sender`` now (an agent given one
+            # there): if ``sender`` restarts, they must resume (``_close_followers``).
+            for key in targets:
+                for conn in hub.connections(key):
+                    if sender not in self._followed.get(conn, ()):
+                        self._follow(conn, sender)
         if (
             not sent
             and not exclude
@@ -602,8 +610,13 @@ class Member:
                     (key[0], key[1], [(p[1], p[2], p[3]) for p in owned]),
                     on_reply=answered,
                 )
-            except KefuError:
+            except KefuError as exc:
                 self._attached(conn, convs)
+                if key[0] == "agent":
+                    # The agent works on with its other conversations; it stays a follower of
+                    # that node, so that the node's "started" makes it resume them.
+                    log.warning("cluster: node %s did not answer an attach: %s", owner, exc)
+                    continue
                 self.restart_closes_total += 1
                 conn.close(CLOSE_SERVICE_RESTART, "the conversation's node did not answer")
                 return

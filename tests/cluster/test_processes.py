@@ -6,6 +6,7 @@ in a gap-free sequence."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import time
@@ -78,6 +79,10 @@ async def loads(url: str, agents: list[str]) -> dict[str, int]:
         return {a: await routing.load(a) for a in agents}
     finally:
         await client.aclose()
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def until(check: Any, timeout: float = 20.0, what: str = "condition") -> None:
@@ -220,6 +225,62 @@ class Visitor:
         )
 
 
+class Workbench:
+    """An agent's connection kept up as the workbench keeps it: when the node closes it (1012
+    after another node died, say), it reconnects and goes online again. It reads every frame:
+    ``assigned`` conversations and ``ack`` frames are kept."""
+
+    def __init__(self, node: ServerProcess, agent_id: str) -> None:
+        self.node = node
+        self.agent_id = agent_id
+        self.client: WsClient | None = None
+        self.reconnects = 0
+        self.assigned: list[str] = []
+        self.acks: dict[str, dict[str, Any]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.client = await self.node.agent(self.agent_id)
+        self._task = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            client = self.client
+            assert client is not None
+            try:
+                frame = await client.recv(timeout=3600)
+            except (Closed, OSError, WebSocketException, TimeoutError):
+                await asyncio.sleep(0.2)
+                try:
+                    self.client = await self.node.agent(self.agent_id)
+                    self.reconnects += 1
+                except (Closed, OSError, WebSocketException, AssertionError, TimeoutError):
+                    pass
+                continue
+            if frame["type"] == "assigned":
+                self.assigned.append(frame["conv"])
+            elif frame["type"] == "ack":
+                self.acks[frame["client_msg_id"]] = frame
+
+    async def say(self, conv: str, cid: str, text: str) -> dict[str, Any]:
+        for _ in range(50):
+            client = self.client
+            assert client is not None
+            with contextlib.suppress(Closed, OSError, WebSocketException):
+                await client.send(type="send", conv=conv, client_msg_id=cid, text=text)
+            for _ in range(20):
+                if cid in self.acks:
+                    return self.acks[cid]
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"{cid} not acknowledged")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self.client is not None:
+            self.client.drop()
+
+
 async def check_histories(node: ServerProcess, visitors: list[Visitor]) -> int:
     """Every acked message in its history, once, with its seq; seqs gap-free."""
     total = 0
@@ -246,7 +307,8 @@ def test_a_node_killed_during_traffic(start_nodes: Any, redis_server: RedisServe
     async def body() -> None:
         n0, n1, n2 = nodes
         url = redis_server.url
-        alice = await n0.agent("alice")
+        alice = Workbench(n0, "alice")
+        await alice.start()
         bob = await n1.agent("bob")  # on the node that dies
 
         async def two_online() -> bool:
@@ -284,8 +346,10 @@ def test_a_node_killed_during_traffic(start_nodes: Any, redis_server: RedisServe
         async with n2.rest() as api:
             fresh = await api.create_chat(name="fresh")
         assert fresh["status"] == "assigned"
-        got = await alice.recv_match("assigned", conv=fresh["session_id"])
-        assert got["agent"]["id"] == "alice"
+        await until(
+            lambda: _true(fresh["session_id"] in alice.assigned), what="fresh assigned to alice"
+        )
+        assert alice.reconnects >= 1  # closed (1012) when n1 went: she followed its chats
         await asyncio.sleep(0.5)
         n1.start()  # its conversations are its own again (its RocksDB)
         await asyncio.wait_for(running, 90)
@@ -296,7 +360,7 @@ def test_a_node_killed_during_traffic(start_nodes: Any, redis_server: RedisServe
         conv = visitors[0].conv
         ack = await alice.say(conv, "after", "back again")
         assert ack["dup"] is False
-        alice.drop()
+        alice.stop()
         bob.drop()
 
     run(body, timeout=150)
@@ -373,6 +437,12 @@ def test_redis_stopped_for_5s_during_traffic(tmp_path: Path, durable_redis: Redi
             total = await check_histories(n0, visitors)
             assert total == 300
             assert sum(v.retries for v in visitors) > 0  # the outage was felt
+            # Alice's connection followed other nodes' conversations: it was closed (1012) when
+            # Redis came back, and she reconnects, as the workbench does.
+            code, _ = await alice.closed()
+            assert code == 1012, code
+            alice = await n0.agent("alice")
+            await until(online, what="alice online again")
             # The cluster works again: a new conversation is routed to alice.
             async with n2.rest() as api:
                 fresh = await api.create_chat(name="after")
