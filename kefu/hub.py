@@ -188,7 +188,7 @@ class Hub:
         if not targets:
             return
         for frame in frames:
-            encoded = Encoded(frame)
+            encoded = frame if isinstance(frame, Encoded) else Encoded(frame)
             for conns in targets:
                 for c in list(conns):
                     encoded.send(c)

@@ -1979,8 +1979,9 @@ class Node:
                     remote.append((cs, format_conv_id(cs), None, 0))
         if role == "agent":
             self._track_session(conn, hello.token)
-            for a in self.pool:
-                conn.send(Presence(agent=self._presence_of(a.id)))
+            if member is None:
+                for a in self.pool:
+                    conn.send(Presence(agent=self._presence_of(a.id)))
             if first:
                 self._run_effects(self.routing.agent_connected(principal))
                 self._presence_changed(principal)
@@ -1992,6 +1993,11 @@ class Node:
         if remote and member is not None:
             # The remote conversations' frames wait for their owner's replay (kefu.cluster).
             await member.attach(conn, (role, principal), remote)
+        if role == "agent" and member is not None:
+            try:
+                await member.send_presence(conn, [a.id for a in self.pool])
+            except KefuError as exc:
+                log.warning("agent %s: presence not sent: %s", principal, exc)
 
     def _visitor_status(self, conn: Connection, current: ConversationState) -> None:
         """``queued {position}`` or ``assigned`` to a visitor's new connection."""
@@ -2104,7 +2110,8 @@ class Node:
             self._run_effects(self.routing.agent_status(principal, frame.status, frame.max_chats))
             self._presence_changed(principal)
             if self.member is not None:
-                self.member.report_agent(principal)
+                # The answer means the cluster's routing knows it (kefu.cluster).
+                await self.member.report_agent(principal)
             conn.send(StatusFrame(status=frame.status, max_chats=frame.max_chats))
         elif isinstance(frame, Accept):
             if role != "agent":
@@ -2470,6 +2477,9 @@ class Node:
     def _flush_presence(self) -> None:
         self._presence_scheduled = False
         dirty, self._presence_dirty = self._presence_dirty, set()
+        if self.member is not None:
+            self.member.presence_changed([a for a in dirty if a in self.pool])
+            return
         self.hub.send_role(
             "agent",
             [Presence(agent=self._presence_of(a)) for a in dirty if a in self.pool],

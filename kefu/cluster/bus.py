@@ -77,7 +77,10 @@ class Envelope(msgspec.Struct, array_like=True, frozen=True):
 
 
 class RemoteError(KefuError):
-    """The other node refused the request: its error code and message, as it gave them."""
+    """The other node refused the request: its error code and message, as it gave them
+    (the instance's ``code``; the class's is a placeholder)."""
+
+    code = "remote_error"
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)

@@ -27,9 +27,12 @@ from kefu.errors import KefuError
 from kefu.hub import Encoded, Principal, frame_tag
 from kefu.metrics import CollectedFamily, Kind
 from kefu.protocol import (
+    AgentPresence,
+    AgentStatus,
     ClientFrame,
     ConvState,
     Error,
+    Presence,
     decode_client_frame,
     encode_msgpack,
 )
@@ -128,6 +131,7 @@ class Member:
         self.positions: dict[int, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._reporting: set[str] = set()
+        self._report_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._dirty: set[str] = set()
         self.routing_failures_total = 0
 
@@ -136,6 +140,7 @@ class Member:
         self.node = node
         bus = self.bus
         bus.on_request("rest", self._serve_rest)
+        bus.on_event("presence", self._on_presence)
         bus.on_event("effects", self._on_effects)
         bus.on_event("moved", self._on_moved)
         bus.on_request("frame", self._serve_frame)
@@ -340,6 +345,9 @@ class Member:
             except KefuError as exc:
                 self.routing_failures_total += 1
                 log.warning("cluster: %s failed: %s", what, exc)
+            except Exception:
+                self.routing_failures_total += 1
+                log.exception("cluster: %s failed", what)
 
         task = asyncio.get_running_loop().create_task(guarded())
         self._tasks.add(task)
@@ -355,44 +363,113 @@ class Member:
 
         self.spawn(run(), what)
 
-    def report_agent(self, agent_id: str) -> None:
+    def report_agent(self, agent_id: str) -> asyncio.Future[None]:
         """The agent's status or connections here changed: tell the cluster's routing. One
         report in flight per agent, always of the latest state, so reports cannot overtake
-        each other on their way to Redis."""
+        each other on their way to Redis. The future resolves once a report made after this
+        call is answered (an error is logged, not raised)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiting = self._report_waiters.setdefault(agent_id, [])
+        if len(waiting) < MAX_BACKGROUND:
+            waiting.append(done)
+        else:
+            done.set_result(None)
         if agent_id in self._reporting:
             self._dirty.add(agent_id)
-            return
-        if len(self._reporting) >= MAX_BACKGROUND:
-            self.routing_failures_total += 1
-            log.error("cluster: the state of agent %s not reported (too many reports)", agent_id)
-            return
+            return done
         self._reporting.add(agent_id)
         self.spawn(self._report(agent_id), f"the state of agent {agent_id}")
+        return done
 
     async def _report(self, agent_id: str) -> None:
         node = cast("Node", self.node)
         try:
             while True:
                 self._dirty.discard(agent_id)
-                if agent_id not in node.pool:
-                    return
-                agent = node.pool.get(agent_id)
-                effects = await self.routed(
-                    self.routing.agent_state(
-                        agent_id,
-                        node=self.node_id,
-                        status=agent.status,
-                        connections=agent.connections,
-                        chosen_max_chats=agent.chosen_max_chats,
-                        now_ms=_now_ms(),
+                waiting = self._report_waiters.pop(agent_id, [])
+                try:
+                    if agent_id not in node.pool:
+                        return
+                    agent = node.pool.get(agent_id)
+                    effects = await self.routed(
+                        self.routing.agent_state(
+                            agent_id,
+                            node=self.node_id,
+                            status=agent.status,
+                            connections=agent.connections,
+                            chosen_max_chats=agent.chosen_max_chats,
+                            now_ms=_now_ms(),
+                        )
                     )
-                )
-                if effects:
-                    node._run_effects(effects)
+                    if effects:
+                        node._run_effects(effects)
+                    # Now that Redis has it: every agent of the cluster sees it.
+                    self.presence_changed([agent_id])
+                finally:
+                    for fut in waiting:
+                        if not fut.done():
+                            fut.set_result(None)
                 if agent_id not in self._dirty:
                     return
         finally:
             self._reporting.discard(agent_id)
+            for fut in self._report_waiters.pop(agent_id, []):
+                if not fut.done():
+                    fut.set_result(None)
+
+    # -- presence: what every agent sees of the others ----------------------------------------
+
+    async def presence(self, agents: list[str]) -> list[AgentPresence]:
+        """The agents' presence as the cluster's routing has it: online somewhere, and the
+        conversations they hold on every node."""
+        prefix = f"{self.config.key_prefix}route:a:"
+
+        async def read(r: Any) -> list[Any]:
+            pipe = r.pipeline(transaction=False)
+            for agent_id in agents:
+                pipe.hmget(prefix + agent_id, "st", "cn", "d", "ld")
+            return list(await pipe.execute())
+
+        out: list[AgentPresence] = []
+        for agent_id, (status, connections, disabled, load) in zip(
+            agents, await self.link.call(read), strict=True
+        ):
+            if status is None:
+                continue
+            live = int(connections or 0) > 0 and disabled != b"1"
+            out.append(
+                AgentPresence(
+                    id=agent_id,
+                    status=cast("AgentStatus", status.decode()) if live else "offline",
+                    active_chats=int(load or 0),
+                )
+            )
+        return out
+
+    def presence_changed(self, agents: list[str]) -> None:
+        """Tell every agent of the cluster the new presence of ``agents`` (read from Redis,
+        then sent here and to every other node), in the background."""
+        self.spawn(self._publish_presence(agents), "presence")
+
+    async def _publish_presence(self, agents: list[str]) -> None:
+        frames = [encode_msgpack(Presence(agent=p)) for p in await self.presence(agents)]
+        if not frames:
+            return
+        self._on_presence(self.node_id, frames)
+        for other in self.link.live_nodes:
+            if other != self.node_id:
+                with contextlib.suppress(ClusterUnavailable):
+                    self.bus.emit(other, "presence", frames)
+
+    def _on_presence(self, sender: str, frames: list[bytes]) -> None:
+        hub = cast("Node", self.node).hub
+        hub.send_role("agent", [Encoded.from_msgpack(f, "presence") for f in frames])
+
+    async def send_presence(self, conn: Connection, agents: list[str]) -> None:
+        """Every agent's presence to a new agent connection."""
+        for chunk in range(0, len(agents), 500):
+            for p in await self.presence(agents[chunk : chunk + 500]):
+                conn.send(Presence(agent=p))
 
     async def _reap(self, node: str) -> None:
         """A node died: its agents' connections there are gone (their grace starts)."""

@@ -61,6 +61,7 @@ def test_request_reply_error_and_event(redis_server: RedisServer) -> None:
             with pytest.raises(RemoteError) as refused:
                 await a.request("b", "refuse", None)
             assert refused.value.code == "forbidden" and str(refused.value) == "not you"
+            assert isinstance(refused.value, KefuError)  # answered as the owner's own refusal
             with pytest.raises(RemoteError) as unknown:
                 await a.request("b", "nothing", None)
             assert unknown.value.code == "unsupported"

@@ -248,3 +248,46 @@ def test_routing_is_global(tmp_path: Path, redis_server: RedisServer) -> None:
             await a.stop()
 
     run(body)
+
+
+def test_presence_is_cluster_wide(tmp_path: Path, redis_server: RedisServer) -> None:
+    """An agent on one node sees the agents of the other node come online, and their load."""
+
+    async def body() -> None:
+        a = Node(two_agents_config(tmp_path / "a", redis_server.url))
+        b = Node(two_agents_config(tmp_path / "b", redis_server.url))
+        await a.start()
+        await b.start()
+        try:
+            alice = await online(a, "alice-token")
+
+            async def presence_of(ws: ClientConnection, agent: str, **want: Any) -> None:
+                while True:
+                    frame = await recv(ws, "presence")
+                    got = frame["agent"]
+                    if got["id"] == agent and all(got[k] == v for k, v in want.items()):
+                        return
+
+            bob = await online(b, "bob-token")
+            await presence_of(alice, "bob", status="online", active_chats=0)
+            await a.create_chat(name="v")  # round robin: alice first
+            conv2, *_ = await a.create_chat(name="w")  # then bob, on the other node
+            assert (await recv(bob, "assigned"))["conv"] == conv2
+            await presence_of(alice, "bob", status="online", active_chats=1)
+            # A new connection of alice on b is told everyone's presence from Redis.
+            again, _ = await hello(b, "alice-token")
+            seen = {}
+            while len(seen) < 2:
+                frame = await recv(again, "presence")
+                seen[frame["agent"]["id"]] = frame["agent"]
+            assert seen["bob"]["status"] == "online" and seen["bob"]["active_chats"] == 1
+            assert seen["alice"]["active_chats"] == 1
+            await bob.close()
+            await presence_of(alice, "bob", status="offline")
+            for ws in (alice, again):
+                await ws.close()
+        finally:
+            await b.stop()
+            await a.stop()
+
+    run(body)
