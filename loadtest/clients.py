@@ -2,8 +2,9 @@
 
 A worker is told what to do over a pipe by the coordinating process (:mod:`loadtest.runner`)
 and answers each command with one reply; once a second it also sends a ``progress`` snapshot
-of its counters. Commands: ``agents`` (connect the agents, status online), ``create`` (REST
-``/v1/chat/create`` for its visitors), ``visitors`` (connect them), ``run`` (send traffic),
+of its counters. Commands: ``agents`` (connect the agents of a group, status online),
+``create`` (REST ``/v1/chat/create`` on a node for its visitors), ``visitors`` (connect them),
+``run`` (send traffic),
 ``counts``, ``storm`` (drop every connection at once and resume), ``probe`` (ping a sample),
 ``report`` (histograms and per-conversation counts) and ``close``.
 
@@ -22,6 +23,11 @@ conversation it cannot name in ``hello.resume`` (an agent knows a conversation's
 from its messages: ``assigned`` carries none), or one answered ``recovered: false``, is paged
 with ``sync`` after the welcome, at most :data:`SYNCS_IN_FLIGHT` at a time; a page may overlap
 what came live, so only a *live* push of a seen ``seq`` counts as a duplicate.
+
+Nodes: the spec lists the nodes of the cluster (``nodes``: ``[http_url, ws_url]`` each; one
+for a single node). A conversation is created on its owner's HTTP port and its visitor connects
+to the node the coordinator names (the owner, or another one to make every message cross
+nodes); each agent belongs to a group, and each group to a node.
 
 Latency: the sender writes ``time.monotonic_ns()`` into the text (``lt <ns> <padding>``); the
 receiver reads the same clock (CLOCK_MONOTONIC is one clock for the whole machine).
@@ -53,7 +59,12 @@ from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_
 from loadtest.hist import LatencyHistogram
 
 CONNECT_CONCURRENCY = 128
+#: REST creates in flight per worker and node (the coordinator lowers it for a cluster).
+CREATES_IN_FLIGHT = 16
 CONNECT_TIMEOUT_S = 60.0
+#: Attempts of a connection closed with 1013 (try again later), and the first pause between.
+CONNECT_ATTEMPTS = 6
+RETRY_PAUSE_S = 0.05
 HELLO_TIMEOUT_S = 30.0
 TRACK_AHEAD_MAX = 10_000
 MAX_SERIES = 3_600
@@ -152,11 +163,16 @@ class Track:
 class Seat:
     """One client identity (a visitor of one conversation, or an agent) across reconnects."""
 
-    def __init__(self, w: Worker, role: str, token: str, index: int) -> None:
+    def __init__(
+        self, w: Worker, role: str, token: str, index: int, node: int = 0, group: int = 0
+    ) -> None:
         self.w = w
         self.role = role
         self.token = token
         self.index = index
+        self.node = node  # the node its WebSocket goes to
+        self.group = group  # an agent's group (the conversations it is meant to take)
+        self.owner = 0  # a visitor's conversation was created on this node
         self.conn: _Conn | None = None
         self.up = False
         self.tracks: dict[str, Track] = {}
@@ -339,6 +355,7 @@ class _Conn(WSListener):
         super().__init__()
         self.seat = seat
         self.transport: WSTransport = None  # type: ignore[assignment]
+        self.close_reason = ""  # the server's close frame, if one came: code and reason
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -350,18 +367,21 @@ class _Conn(WSListener):
         elif frame.msg_type == WSMsgType.CLOSE:
             code: Any = frame.get_close_code()  # an int where the enum has no such member
             self.seat.w.closes[int(code)] += 1
+            with contextlib.suppress(Exception):
+                reason = frame.get_close_message() or b""
+                self.close_reason = f" ({int(code)} {reason.decode('utf-8', 'replace')})"
             transport.send_close(code)
             transport.disconnect()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         seat = self.seat
         if seat.conn is self:
-            seat.up = False
-            if seat.w.expect_up:
+            if seat.w.expect_up and seat.up:  # a hello refused is not a drop
                 seat.w.dropped += 1
+            seat.up = False
             for fut in (seat.welcome, seat.online, seat.resumed, seat.pong):
                 if fut is not None and not fut.done():
-                    fut.set_exception(ConnectionError("disconnected"))
+                    fut.set_exception(ConnectionError("disconnected" + self.close_reason))
 
 
 class Worker:
@@ -371,16 +391,23 @@ class Worker:
         self.spec = spec
         self.pipe = pipe
         self.wid: int = spec["wid"]
-        self.ws_url: str = spec["ws_url"]
-        self.http_url: str = spec.get("http_url", "")
+        nodes = spec.get("nodes") or [[spec.get("http_url", ""), spec["ws_url"]]]
+        self.nodes: list[tuple[str, str]] = [(str(h), str(w)) for h, w in nodes]
         self.source: str | None = spec.get("source")
         self.padding = "x" * max(0, int(spec.get("size", 64)) - 24)
         self.reply_every: int = spec.get("reply_every", 0)
         self.bot: bool = spec.get("bot", False)
         self.questions: list[str] = spec.get("questions", [])
+        tokens = spec.get("agent_tokens", [])
+        groups = spec.get("agent_groups") or [0] * len(tokens)
+        group_node = spec.get("group_node") or [0]
         self.agents = [
-            Seat(self, "agent", t, i) for i, t in enumerate(spec.get("agent_tokens", []))
+            Seat(self, "agent", t, i, node=group_node[g], group=g)
+            for i, (t, g) in enumerate(zip(tokens, groups, strict=True))
         ]
+        self.created: defaultdict[str, int] = defaultdict(int)  # create answers by status
+        self.connect_concurrency: int = spec.get("connect_concurrency") or CONNECT_CONCURRENCY
+        self.creates_in_flight: int = spec.get("creates_in_flight") or CREATES_IN_FLIGHT
         self.visitors: list[Seat] = []
         for i, tok in enumerate(spec.get("visitor_tokens", [])):
             self.visitors.append(Seat(self, "visitor", tok, len(self.agents) + i))
@@ -411,6 +438,7 @@ class Worker:
         self.not_recovered = 0
         self.synced = 0
         self.dropped = 0
+        self.retried_1013 = 0
         self.last_resumed_ns = 0
         self.skipped = 0
         self.behind_max_ms = 0.0
@@ -453,60 +481,80 @@ class Worker:
     # -- connecting -----------------------------------------------------------------------
 
     async def _connect(self, seat: Seat, sem: asyncio.Semaphore, resume: bool) -> bool:
-        async with sem:
-            loop = asyncio.get_running_loop()
-            t0 = time.monotonic_ns()
-            kwargs: dict[str, Any] = {}
-            if self.source:
-                kwargs["local_addr"] = (self.source, 0)
-            try:
-                seat.welcome = loop.create_future()
-                _t, listener = await asyncio.wait_for(
-                    ws_connect(
-                        lambda: _Conn(seat),
-                        self.ws_url,
-                        websocket_handshake_timeout=CONNECT_TIMEOUT_S,
-                        **kwargs,
-                    ),
-                    CONNECT_TIMEOUT_S,
-                )
-                conn = listener
-                assert isinstance(conn, _Conn)
-                seat.conn = conn
-                hello: dict[str, Any] = {"type": "hello", "token": seat.token}
-                if resume:
-                    items = [
-                        {"conv": c, "epoch": tr.epoch, "last_seq": tr.contig}
-                        for c, tr in seat.tracks.items()
-                        if tr.contig is not None and tr.epoch  # else: paged after the welcome
-                    ][:100]
-                    hello["resume"] = items
-                    seat.expect_resumed = len(items)
-                    seat.resumed = loop.create_future()
-                conn.transport.send(WSMsgType.TEXT, _encode(hello))
-                await asyncio.wait_for(seat.welcome, HELLO_TIMEOUT_S)
-                seat.up = True
-                if resume and seat.expect_resumed <= 0:  # nothing to resume nor to page
-                    seat.expect_resumed = 1
-                    seat._resumed_one()
-                self.connect_hist.record_ns(time.monotonic_ns() - t0)
-                return True
-            except (OSError, ConnectionError, TimeoutError, asyncio.TimeoutError) as e:
-                self.errors[f"connect: {type(e).__name__}: {str(e)[:80]}"] += 1
-                return False
-            except Exception as e:  # picows handshake errors (e.g. 503 at max_connections)
-                self.errors[f"connect: {type(e).__name__}: {str(e)[:80]}"] += 1
-                return False
+        """Connects and says hello; a close 1013 (try again later: a cluster node or Redis
+        was not reachable for the welcome) is retried after a pause, as a client would, at
+        most :data:`CONNECT_ATTEMPTS` times in all (the retries are counted)."""
+        for attempt in range(CONNECT_ATTEMPTS):
+            async with sem:
+                ok = await self._connect_once(seat, resume, last=attempt + 1 == CONNECT_ATTEMPTS)
+            if ok is not None:
+                return ok
+            self.retried_1013 += 1
+            await asyncio.sleep(RETRY_PAUSE_S * 2**attempt * (0.5 + random.random()))
+        return False
+
+    async def _connect_once(self, seat: Seat, resume: bool, last: bool) -> bool | None:
+        """True when welcomed, False when it failed, None when closed with 1013 and not
+        ``last`` (to be tried again)."""
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic_ns()
+        kwargs: dict[str, Any] = {}
+        if self.source:
+            kwargs["local_addr"] = (self.source, 0)
+        try:
+            seat.welcome = loop.create_future()
+            _t, listener = await asyncio.wait_for(
+                ws_connect(
+                    lambda: _Conn(seat),
+                    self.nodes[seat.node][1],
+                    websocket_handshake_timeout=CONNECT_TIMEOUT_S,
+                    **kwargs,
+                ),
+                CONNECT_TIMEOUT_S,
+            )
+            conn = listener
+            assert isinstance(conn, _Conn)
+            seat.conn = conn
+            hello: dict[str, Any] = {"type": "hello", "token": seat.token}
+            if resume:
+                items = [
+                    {"conv": c, "epoch": tr.epoch, "last_seq": tr.contig}
+                    for c, tr in seat.tracks.items()
+                    if tr.contig is not None and tr.epoch  # else: paged after the welcome
+                ][:100]
+                hello["resume"] = items
+                seat.expect_resumed = len(items)
+                seat.resumed = loop.create_future()
+            conn.transport.send(WSMsgType.TEXT, _encode(hello))
+            await asyncio.wait_for(seat.welcome, HELLO_TIMEOUT_S)
+            seat.up = True
+            if resume and seat.expect_resumed <= 0:  # nothing to resume nor to page
+                seat.expect_resumed = 1
+                seat._resumed_one()
+            self.connect_hist.record_ns(time.monotonic_ns() - t0)
+            return True
+        except (OSError, ConnectionError, TimeoutError, asyncio.TimeoutError) as e:
+            conn_now = seat.conn
+            if not last and conn_now is not None and conn_now.close_reason.startswith(" (1013"):
+                seat.conn = None
+                return None
+            self.errors[f"connect: {type(e).__name__}: {str(e)[:120]}"] += 1
+            return False
+        except Exception as e:  # picows handshake errors (e.g. 503 at max_connections)
+            self.errors[f"connect: {type(e).__name__}: {str(e)[:120]}"] += 1
+            return False
 
     async def connect(self, seats: list[Seat], resume: bool = False) -> tuple[int, int, int, int]:
-        sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
+        sem = asyncio.Semaphore(self.connect_concurrency)
         t0 = time.monotonic_ns()
         ok = await asyncio.gather(*(self._connect(s, sem, resume) for s in seats))
         return sum(ok), len(ok) - sum(ok), t0, time.monotonic_ns()
 
-    async def agents_online(self) -> tuple[int, int]:
-        ok, failed, _t0, _t1 = await self.connect(self.agents)
-        await self.set_online(self.agents)
+    async def agents_online(self, group: int | None = None) -> tuple[int, int]:
+        """Connects the agents of ``group`` (None: all) and sets them online."""
+        seats = [a for a in self.agents if group is None or a.group == group]
+        ok, failed, _t0, _t1 = await self.connect(seats)
+        await self.set_online(seats)
         return ok, failed
 
     async def set_online(self, seats: list[Seat]) -> None:
@@ -521,15 +569,17 @@ class Worker:
             with contextlib.suppress(TimeoutError, asyncio.TimeoutError, ConnectionError):
                 await asyncio.wait_for(asyncio.gather(*waits), HELLO_TIMEOUT_S)
 
-    async def create(self, count: int) -> tuple[int, int, float]:
-        """REST-creates ``count`` conversations; their visitor tokens become seats."""
+    async def create(self, count: int, owner: int = 0, via: int = 0) -> tuple[int, int, float]:
+        """REST-creates ``count`` conversations on node ``owner``; their visitor tokens become
+        seats whose WebSockets go to node ``via``."""
         t0 = time.monotonic()
-        sem = asyncio.Semaphore(16)
+        sem = asyncio.Semaphore(self.creates_in_flight)
         timeout = aiohttp.ClientTimeout(total=60)
         connector = aiohttp.TCPConnector(
-            limit=16, local_addr=(self.source, 0) if self.source else None
+            limit=self.creates_in_flight, local_addr=(self.source, 0) if self.source else None
         )
         failed = 0
+        http_url = self.nodes[owner][0]
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
 
             async def one(i: int) -> str | None:
@@ -537,10 +587,11 @@ class Worker:
                 async with sem:
                     try:
                         async with session.post(
-                            f"{self.http_url}/v1/chat/create", json={"name": f"load {self.wid}.{i}"}
+                            f"{http_url}/v1/chat/create", json={"name": f"load {self.wid}.{i}"}
                         ) as resp:
                             body = await resp.json()
                             if resp.status in (200, 201):
+                                self.created[str(body.get("status", "?"))] += 1
                                 return str(body["token"])
                             self.errors[f"create {resp.status}"] += 1
                     except (aiohttp.ClientError, TimeoutError, asyncio.TimeoutError) as e:
@@ -551,7 +602,9 @@ class Worker:
             tokens = await asyncio.gather(*(one(i) for i in range(count)))
         base = len(self.agents) + len(self.visitors)
         for i, tok in enumerate(t for t in tokens if t):
-            self.visitors.append(Seat(self, "visitor", tok, base + i))
+            seat = Seat(self, "visitor", tok, base + i, node=via)
+            seat.owner = owner
+            self.visitors.append(seat)
         return count - failed, failed, time.monotonic() - t0
 
     # -- traffic --------------------------------------------------------------------------
@@ -674,6 +727,13 @@ class Worker:
             "acked_conv": {k: dict(v) for k, v in self.acked_conv.items()},
             "recv_conv": {k: dict(v) for k, v in self.recv_conv.items()},
             "errors": dict(self.errors),
+            "created": dict(self.created),
+            # Where each conversation is: its owner node, and the group of the agent that took
+            # it (the coordinator checks the placement: group k takes owner k's conversations).
+            "placement": {
+                "owner": {s.conv: s.owner for s in self.visitors if s.conv} if self.agents else {},
+                "group": {c: a.group for a in self.agents for c in a.tracks},
+            },
             "closes": dict(self.closes),
             "acked_dup": self.acked_dup,
             "refused": self.refused,
@@ -685,6 +745,11 @@ class Worker:
             "skipped": self.skipped,
             "behind_max_ms": round(self.behind_max_ms, 1),
             "dropped": self.dropped,
+            "retried_1013": self.retried_1013,
+            "up_per_node": [
+                sum(1 for s in self.agents + self.visitors if s.up and s.node == i)
+                for i in range(len(self.nodes))
+            ],
             "window_delivered": self.window_delivered,
             "hist": {
                 "ack": self.ack_hist.to_wire(),
@@ -745,9 +810,12 @@ async def _serve(w: Worker) -> None:
             cmd = await inbox.get()
             kind = cmd[0]
             if kind == "agents":
-                w.pipe.send(("agents", *(await w.agents_online())))
-            elif kind == "create":
-                w.pipe.send(("created", *(await w.create(cmd[1]))))
+                w.pipe.send(("agents", *(await w.agents_online(*cmd[1:]))))
+            elif kind == "create":  # ("create", [(count, owner, via), ...]): concurrently
+                t0 = time.monotonic()
+                got = await asyncio.gather(*(w.create(*job) for job in cmd[1]))
+                made, failed = sum(g[0] for g in got), sum(g[1] for g in got)
+                w.pipe.send(("created", made, failed, time.monotonic() - t0))
             elif kind == "visitors":
                 w.expect_up = True
                 w.pipe.send(("visitors", *(await w.connect(w.visitors))))

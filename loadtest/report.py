@@ -107,7 +107,15 @@ def verdict(result: dict[str, Any]) -> tuple[bool, str]:
     if refused:
         codes = ", ".join(f"{k} {v}" for k, v in result.get("errors", {}).items())
         errors.append(f"{refused} refused by the server ({codes})")
-    for key in ("connect_failed", "not_recovered", "resume_timed_out", "probe_unanswered"):
+    keys = (
+        "connect_failed",
+        "create_failed",
+        "not_recovered",
+        "resume_timed_out",
+        "probe_unanswered",
+        "misplaced",
+    )
+    for key in keys:
         if result.get(key):
             errors.append(f"{key.replace('_', ' ')}: {result[key]}")
     head = result.get("headline", result.get("scenario", ""))
@@ -138,8 +146,10 @@ def text_summary(report: dict[str, Any]) -> str:
     lines.append(f"commit: {env['commit']}")
     lines.append(f"command: {env['command']}")
     res = report["result"]
+    lines += _cluster_lines(res)
+    skip = ("latency", "series", "server_samples", "node_samples", "steps", "accounting")
     for key, value in res.items():
-        if key in ("latency", "series", "server_samples", "steps", "accounting", "headline"):
+        if key in skip or key in ("headline", "nodes_cpu_rss", "redis", "server_log_tail"):
             continue
         if isinstance(value, dict):
             value = ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
@@ -158,6 +168,9 @@ def text_summary(report: dict[str, Any]) -> str:
             lines.append(
                 f"  latency {LATENCY_NAMES.get(name, name):<26} n={s['count']:,}  ms: {pct}"
             )
+    for node, tail in res.get("server_log_tail", {}).items():
+        lines.append(f"  server {node} log (end):")
+        lines += [f"    {line}" for line in tail.splitlines()[-20:]]
     for step in res.get("steps", []):
         lines.append(
             f"  step {step['offered_per_s']:>9,.0f}/s offered:"
@@ -165,6 +178,43 @@ def text_summary(report: dict[str, Any]) -> str:
             f" p50 {step['p50_ms']} p99 {step['p99_ms']} ms, lost {step['lost']}"
         )
     return "\n".join(lines) + "\n"
+
+
+def _mib(b: Any) -> str:
+    return f"{int(b) / 2**20:,.1f} MiB" if b is not None else "?"
+
+
+def _cluster_lines(res: dict[str, Any]) -> list[str]:
+    """The head of a cluster run: nodes, placement, each node's CPU and RSS, Redis."""
+    if not res.get("nodes_cpu_rss"):
+        return []
+    lines = [f"cluster: {res.get('nodes')} nodes, placement {res.get('placement')}"]
+    for row in res["nodes_cpu_rss"]:
+        extra = ""
+        if "rss_per_connection_kib" in row:
+            extra = (
+                f", {row.get('connections_up', 0):,} up at the end,"
+                f" {row['rss_per_connection_kib']} KiB/connection"
+            )
+        lines.append(
+            f"  node {row['node']} (pid {row['pid']}, {row['connections']:,} connections):"
+            f" cpu mean {row.get('cpu_mean_pct')} % max {row.get('cpu_max_pct')} %,"
+            f" rss max {_mib(row.get('rss_max_bytes'))}{extra}"
+        )
+    total = res.get("server_cpu_rss", {})
+    if total:
+        lines.append(
+            f"  all nodes: cpu mean {total.get('cpu_mean_pct')} % (sum),"
+            f" rss max {_mib(total.get('rss_max_bytes'))}"
+        )
+    r = res.get("redis", {})
+    mem = ", ".join(f"{k} {_mib(v)}" for k, v in r.get("used_memory_bytes", {}).items())
+    lines.append(
+        f"  redis: cpu mean {r.get('cpu_mean_pct')} % max {r.get('cpu_max_pct')} %,"
+        f" rss max {_mib(r.get('rss_max_bytes'))}, clients {r.get('connected_clients')};"
+        f" used_memory: {mem}"
+    )
+    return lines
 
 
 def write(
@@ -194,8 +244,15 @@ def plot(report: dict[str, Any], hists: dict[str, LatencyHistogram], path: Path)
     res = report["result"]
     env = report["environment"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    cluster = ""
+    if res.get("nodes_cpu_rss"):
+        redis_end = res.get("redis", {}).get("used_memory_bytes", {}).get("end")
+        cluster = (
+            f"{res.get('nodes')} nodes, placement {res.get('placement')}, Redis used_memory"
+            f" {_mib(redis_end)}; "
+        )
     fig.suptitle(
-        f"kefu loadtest {res['scenario']}: {res.get('headline', '')}\n"
+        f"kefu loadtest {res['scenario']}: {res.get('headline', '')}\n{cluster}"
         f"{env['cpu']} x{env['cpus']}, Python {env['python']}, picows "
         f"{env['packages'].get('picows')}, commit {env['commit'][:12]}",
         fontsize=9,
@@ -222,18 +279,23 @@ def plot(report: dict[str, Any], hists: dict[str, LatencyHistogram], path: Path)
     ax2.set_ylim(bottom=0)
     ax2.set_title("throughput")
     ax2.grid(True, alpha=0.3)
-    samples = res.get("server_samples") or []
-    if samples:
+    cpu_series = dict(res.get("node_samples") or {})
+    if res.get("server_samples"):
+        cpu_series["server"] = res["server_samples"]
+    if any(cpu_series.values()):
         ax3 = ax2.twinx()
         t0 = res.get("traffic_start_s", 0.0)
-        ax3.plot(
-            [s[0] - t0 for s in samples],
-            [s[1] for s in samples],
-            color="grey",
-            alpha=0.5,
-            label="server CPU %",
-        )
-        ax3.set_ylabel("server CPU %")
+        for name, samples in cpu_series.items():
+            ax3.plot(
+                [s[0] - t0 for s in samples],
+                [s[1] for s in samples],
+                alpha=0.5,
+                linestyle="--",
+                label=f"{name} CPU %",
+            )
+        ax3.set_ylabel("CPU % (dashed)")
+        if len(cpu_series) > 1:
+            ax3.legend(fontsize=7, loc="upper right")
     if series:
         ax2.legend(fontsize=8, loc="upper left")
     fig.tight_layout()

@@ -49,10 +49,14 @@ def source_addresses(ws_url: str, count: int) -> list[str | None]:
 class Fleet:
     """The worker processes and their pipes; progress snapshots and the progress line."""
 
-    def __init__(self, specs: list[dict[str, Any]], label: str, sampler: ProcessSampler | None):
+    def __init__(
+        self, specs: list[dict[str, Any]], label: str, samplers: list[ProcessSampler]
+    ) -> None:
+        """``samplers``: the server processes (one per node) whose CPU and RSS the progress
+        line adds up."""
         ctx = mp.get_context("spawn")
         self.label = label
-        self.sampler = sampler
+        self.samplers = samplers
         self.pipes: list[Connection] = []
         self.procs: list[Any] = []
         self.snaps: dict[int, dict[str, Any]] = {}
@@ -148,8 +152,9 @@ class Fleet:
             rate = (delivered - self._last_snap[1]) / (now - self._last_snap[0])
         self._last_snap = (now, delivered)
         server = ""
-        if self.sampler is not None and self.sampler.samples:
-            _t, cpu, rss = self.sampler.samples[-1]
+        last = [s.samples[-1] for s in self.samplers if s.samples]
+        if last:
+            cpu, rss = sum(x[1] for x in last), sum(x[2] for x in last)
             server = f" | server cpu {cpu:.0f}% rss {rss / 2**20:,.0f} MiB"
         line = (
             f"[{self.label} {now - self.t0:6.1f}s] conns {self.total('connected'):,}"
@@ -192,6 +197,7 @@ def merge_reports(
     closes: dict[str, int] = defaultdict(int)
     acked_conv: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     recv_conv: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    up_per_node: list[int] = []  # connections up at the report, by the node they are on
     for r in reports:
         for k in (
             "acked_dup",
@@ -206,6 +212,11 @@ def merge_reports(
             "window_delivered",
         ):
             total[k] += r[k]
+        total["retried_1013"] += r.get("retried_1013", 0)
+        for i, k in enumerate(r.get("up_per_node", ())):
+            while len(up_per_node) <= i:
+                up_per_node.append(0)
+            up_per_node[i] += k
         total["behind_max_ms"] = max(total["behind_max_ms"], r["behind_max_ms"])
         for section in ("sent", "acked", "recv"):
             for role, n in r[section].items():
@@ -238,6 +249,7 @@ def merge_reports(
     }
     merged = dict(total)
     merged["errors"] = dict(errors)
+    merged["up_per_node"] = up_per_node
     merged["closes"] = dict(closes)
     merged["lost_visitor_to_agent"] = lost["visitor"]
     merged["lost_agent_to_visitor"] = lost["agent"]

@@ -33,6 +33,12 @@ Scenarios
   (:mod:`loadtest.relay`) with the same settings: kefu's throughput and latency as a fraction
   of what the machine does without kefu. ``--relay-only`` skips kefu.
 
+A cluster: ``--spawn --nodes N`` starts a redis-server and N ``kefu serve --cluster`` nodes;
+conversations are created round-robin on the nodes (their owners); ``--placement owner``
+connects every client to the owner of its conversations (nothing crosses nodes), ``cross`` to
+another node (every message crosses). The report has each node's CPU and RSS and Redis's
+memory and CPU. See :class:`Setup` and loadtest/README.md.
+
 The server: ``--spawn`` (the default without ``--url``) starts ``python -m kefu serve`` from
 this checkout with a fresh data directory; ``--url http://HOST:PORT`` drives a running node
 (its agents' tokens with ``--agent-token``, its pid with ``--server-pid`` for CPU and RSS).
@@ -45,6 +51,7 @@ run that lost or doubled anything, or could not connect or resume a client, exit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -58,7 +65,15 @@ import uvloop
 from loadtest import report as reporting
 from loadtest.hist import LatencyHistogram
 from loadtest.runner import Fleet, bot_lost, merge_reports, procs_needed, source_addresses
-from loadtest.server import ProcessSampler, SpawnedServer, agents_needed, kb_questions
+from loadtest.server import (
+    MAX_CHATS,
+    ProcessSampler,
+    SpawnedRedis,
+    SpawnedServer,
+    agents_needed,
+    kb_questions,
+    redis_info,
+)
 
 SCENARIOS = ("idle", "chat", "ramp", "bot", "storm", "relay")
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -72,6 +87,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 SETUP_TIMEOUT_S = 300.0
 DRAIN_TIMEOUT_S = 30.0
 MAX_RAMP_STEPS = 30
+#: Hellos in flight over all workers with ``--placement cross`` (see _connect_concurrency).
+CROSS_HELLOS_IN_FLIGHT = 32
+#: REST creates in flight per node over all workers in a cluster (see _creates_in_flight).
+CLUSTER_CREATES_IN_FLIGHT = 24
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -98,6 +117,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--step", type=float, default=1.25, help="ramp: rate factor per step")
     p.add_argument("--p99-ms", type=float, default=5.0, help="ramp: the latency bound")
     p.add_argument("--relay-only", action="store_true", help="relay: skip the kefu run")
+    p.add_argument(
+        "--nodes", type=int, default=1, help="with --spawn: a cluster of N nodes on one Redis"
+    )
+    p.add_argument(
+        "--placement",
+        choices=("owner", "cross"),
+        default="owner",
+        help="--nodes: clients on their conversation's owner (owner) or on other nodes (cross)",
+    )
     args = p.parse_args(argv)
     for key, value in DEFAULTS[args.scenario].items():
         if getattr(args, key) is None:
@@ -112,126 +140,248 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--url and --spawn exclude each other")
     if args.url and args.scenario in ("chat", "ramp", "storm", "relay") and not args.agent_token:
         p.error("--url needs the agents' tokens (--agent-token, repeated)")
+    if args.nodes < 1 or args.nodes > 250:
+        p.error("--nodes is 1 to 250")
+    if args.nodes > 1 and (args.url or args.scenario == "relay"):
+        p.error("--nodes > 1 spawns a cluster: not with --url nor the relay scenario")
     if args.scenario == "ramp" and args.step <= 1:
         p.error("--step must be above 1")
     return args
 
 
 class Setup:
-    """A server (spawned or given), the workers, their connections: what every scenario needs."""
+    """A server or cluster (spawned or given), the workers, their connections: what every
+    scenario needs.
+
+    With ``--nodes N`` (``--spawn``) a redis-server and N nodes are started. Conversation ``i``
+    is created on node ``i % N`` (its owner). Agents are in N groups, group ``k`` sized for the
+    conversations of owner ``k`` (each agent's ``max_chats`` is its exact share, so a group
+    that has taken its conversations is full); group ``k`` connects to node ``k`` (placement
+    ``owner``) or ``k - 1`` (``cross``), owner ``k``'s visitors to node ``k`` or ``k + 1``. The
+    setup goes owner by owner: group ``k`` online, owner ``k``'s conversations created, all of
+    them assigned (the routing is in Redis, global: only group ``k`` has room), next owner.
+    """
 
     def __init__(self, args: argparse.Namespace, *, relay: bool = False) -> None:
         self.args = args
         self.relay = relay
-        self.server: SpawnedServer | None = None
-        self.sampler: ProcessSampler | None = None
+        self.servers: list[SpawnedServer] = []
+        self.redis: SpawnedRedis | None = None
+        self.samplers: list[ProcessSampler] = []
+        self.redis_sampler: ProcessSampler | None = None
         self.fleet: Fleet | None = None
         self.t0_ns = time.monotonic_ns()
         self.info: dict[str, Any] = {}
+        self.redis_memory: dict[str, int] = {}
+        self.redis_clients: int | None = None
+        try:
+            self._start(args, relay)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, args: argparse.Namespace, relay: bool) -> None:
         scenario = args.scenario
         self.bot = scenario == "bot"
         n = args.visitors
+        nodes = self.nodes = args.nodes
+        self.cross = args.placement == "cross" and nodes > 1
+        self.per_owner = [len(range(k, n, nodes)) for k in range(nodes)]
         if scenario in ("idle", "bot"):
-            m = 0
+            sizes = [0] * nodes
+        elif args.agents is not None:
+            sizes = [len(range(k, args.agents, nodes)) for k in range(nodes)]
         else:
-            m = args.agents if args.agents is not None else agents_needed(n)
-            if args.url and not relay:
-                m = len(args.agent_token)
-        self.visitors, self.agents = n, m
+            sizes = [agents_needed(c) if c else 0 for c in self.per_owner]
+        if args.url and not relay:
+            sizes = [len(args.agent_token)]
+        groups = [k for k, size in enumerate(sizes) for _ in range(size)]
+        chats: list[int] = []
+        for k, size in enumerate(sizes):
+            c = self.per_owner[k] if k < len(self.per_owner) else 0
+            chats += [min(MAX_CHATS, max(1, c // size + (j < c % size))) for j in range(size)]
+        m = self.agents = len(groups)
+        self.visitors = n
         tokens = [f"loadtest-agent-{i}-{os.urandom(6).hex()}" for i in range(m)]
-        pid = args.server_pid
+        self.group_node = [self._agent_node(k) for k in range(max(1, len(sizes)))]
+        self.via_count = [0] * nodes  # connections planned on each node
+        for k, c in enumerate(self.per_owner):
+            self.via_count[self._visitor_node(k)] += c
+        for g in groups:
+            self.via_count[self.group_node[g]] += 1
+        pids = [args.server_pid] if args.server_pid else []
+        urls: list[tuple[str, str]] = []
         if relay:
-            self.server = SpawnedServer(
-                connections=n + m, agent_tokens=[], conversations=n, relay=True
-            )
+            server = SpawnedServer(connections=n + m, agent_tokens=[], conversations=n, relay=True)
+            self.servers.append(server)
             tokens = [f"a:{j}" for j in range(m)]
         elif args.url:
-            self.http_url = args.url.rstrip("/")
+            http_url = args.url.rstrip("/")
             tokens = list(args.agent_token)
-            self.ws_url = uvloop.run(_public_ws_url(self.http_url))
+            urls.append((http_url, uvloop.run(_public_ws_url(http_url))))
         else:
-            self.server = SpawnedServer(
-                connections=n + m, agent_tokens=tokens, conversations=n, bot=self.bot
-            )
-        if self.server is not None:
-            self.http_url, self.ws_url, pid = (
-                self.server.http_url,
-                self.server.ws_url,
-                self.server.pid,
-            )
-        if pid:
-            self.sampler = ProcessSampler(pid, self.t0_ns)
+            if nodes > 1:
+                self.redis = SpawnedRedis()
+                self.redis_sampler = ProcessSampler(self.redis.pid, self.t0_ns)
+                self.redis_memory["empty"] = self.redis.used_memory()
+            for _ in range(nodes):
+                self.servers.append(
+                    SpawnedServer(
+                        connections=max(self.via_count),
+                        agent_tokens=tokens,
+                        conversations=n,
+                        bot=self.bot,
+                        cluster_url=self.redis.url if self.redis else None,
+                        agent_chats=chats,
+                    )
+                )
+            if self.redis is not None:
+                self.redis_memory["nodes_started"] = self.redis.used_memory()
+        if self.servers:
+            urls = [(s.http_url, s.ws_url) for s in self.servers]
+            pids = [s.pid for s in self.servers]
+        self.http_url, self.ws_url = urls[0]
+        self.samplers = [ProcessSampler(pid, self.t0_ns) for pid in pids]
         procs = procs_needed(n + m, args.procs)
         sources = source_addresses(self.ws_url, procs)
         specs: list[dict[str, Any]] = []
         for w in range(procs):
             spec: dict[str, Any] = {
                 "wid": w,
-                "ws_url": self.ws_url,
-                "http_url": self.http_url,
+                "nodes": [list(u) for u in urls],
                 "source": sources[w],
                 "size": args.size,
                 "reply_every": args.reply_every,
                 "bot": self.bot,
                 "questions": [q for q, _a in kb_questions()],
                 "agent_tokens": tokens[w::procs],
+                "agent_groups": groups[w::procs],
+                "group_node": self.group_node,
+                "connect_concurrency": self._connect_concurrency(procs),
+                "creates_in_flight": self._creates_in_flight(procs),
             }
             if relay:
                 spec["visitor_tokens"] = [f"v:{i:x}:{i % m}" for i in range(w, n, procs)]
             specs.append(spec)
-        self.share = [len(range(w, n, procs)) for w in range(procs)]
+        #: shares[w][k]: worker w's conversations owned by node k.
+        self.shares = [[len(range(w, c, procs)) for c in self.per_owner] for w in range(procs)]
+        self.share = [sum(row) for row in self.shares]
         self.info.update(
             {
-                "server": "relay" if relay else ("spawned" if self.server else self.http_url),
+                "server": "relay" if relay else ("spawned" if self.servers else args.url),
+                "nodes": nodes,
+                "placement": args.placement if nodes > 1 else "single node",
                 "visitors": n,
                 "agents": m,
                 "client_procs": procs,
                 "source_addresses": [s for s in sources if s] or None,
             }
         )
+        if nodes > 1:
+            self.info["connections_per_node"] = self.via_count
         label = ("relay" if relay else scenario) + f" {n:,}"
-        self.fleet = Fleet(specs, label, self.sampler)
+        if nodes > 1:
+            label += f" x{nodes} {args.placement}"
+        self.fleet = Fleet(specs, label, self.samplers)
+
+    def _connect_concurrency(self, procs: int) -> int | None:
+        """Hellos in flight per worker. A hello on a node that does not own the conversation
+        asks the owner over Redis, and a node's Redis pool (64 connections) refuses the call
+        past its size, which the node takes for Redis being down (it closes its followers
+        with 1012): with ``cross``, at most :data:`CROSS_HELLOS_IN_FLIGHT` in all."""
+        if not self.cross:
+            return None
+        return max(1, CROSS_HELLOS_IN_FLIGHT // procs)
+
+    def _creates_in_flight(self, procs: int) -> int | None:
+        """REST creates in flight per worker and node: in a cluster each create is a routing
+        call to Redis, and past the node's Redis pool (64 connections) it fails with 503
+        (and the node takes the refusal for Redis being down): at most
+        :data:`CLUSTER_CREATES_IN_FLIGHT` per node in all."""
+        if self.nodes <= 1:
+            return None
+        return max(1, CLUSTER_CREATES_IN_FLIGHT // procs)
+
+    def _visitor_node(self, owner: int) -> int:
+        """The node a visitor of a conversation owned by ``owner`` connects to."""
+        return (owner + 1) % self.nodes if self.cross else owner
+
+    def _agent_node(self, group: int) -> int:
+        """The node of the agents of ``group`` (they take the conversations of owner
+        ``group``): that owner, or (cross) the node before it, so that with three nodes or
+        more the visitor, the owner and the agent are three different nodes."""
+        return (group - 1) % self.nodes if self.cross else group
 
     def connect(self) -> None:
         """Agents online, conversations created and taken, visitors connected."""
         fleet = self.fleet
         assert fleet is not None
-        if self.agents:
-            got = fleet.ask_all(("agents",), "agents", SETUP_TIMEOUT_S)
-            self.info["agents_connected"] = sum(g[0] for g in got)
-            self.info["connect_failed"] = sum(g[1] for g in got)
-        if not self.relay:
-            got = fleet.ask([("create", k) for k in self.share], "created", SETUP_TIMEOUT_S)
-            made = sum(g[0] for g in got)
-            secs = max(g[2] for g in got)
-            self.info["conversations_created"] = made
-            self.info["create_per_s"] = round(made / max(secs, 1e-9), 1)
-            if sum(g[1] for g in got):
-                self.info["create_failed"] = sum(g[1] for g in got)
-            if self.agents:
-                self._wait_assigned()
-        self.rss_before = self.sampler.rss_now() if self.sampler else 0
+        self.info["agents_connected"] = 0
+        self.info["connect_failed"] = 0
+        if self.relay:
+            self._agents_online(None)
+        elif self.agents:
+            for k in range(self.nodes):  # owner by owner: group k online, then its conversations
+                self._agents_online(k)
+                self._create([k], assigned=sum(self.per_owner[: k + 1]))
+        else:
+            self._create(list(range(self.nodes)), assigned=0)
+        if self.redis is not None:
+            self.redis_memory["before_connect"] = self.redis.used_memory()
+        self.rss_before = [s.rss_now() for s in self.samplers]
         got = fleet.ask_all(("visitors",), "visitors", SETUP_TIMEOUT_S)
         ok = sum(g[0] for g in got)
         failed = sum(g[1] for g in got)
         secs = (max(g[3] for g in got) - min(g[2] for g in got)) / 1e9
-        self.rss_after = self.sampler.rss_now() if self.sampler else 0
-        self.info["connected"] = ok + self.info.get("agents_connected", 0)
-        self.info["connect_failed"] = self.info.get("connect_failed", 0) + failed
+        self.rss_after = [s.rss_now() for s in self.samplers]
+        if self.redis is not None:
+            self.redis_memory["after_connect"] = self.redis.used_memory()
+        self.info["connected"] = ok + self.info["agents_connected"]
+        self.info["connect_failed"] += failed
         self.info["connect_s"] = round(secs, 3)
         self.info["connections_per_s"] = round(ok / max(secs, 1e-9), 1)
         if self.relay and self.agents:
-            self._wait_assigned()
+            self._wait_assigned(self.visitors)
 
-    def _wait_assigned(self) -> None:
+    def _agents_online(self, group: int | None) -> None:
+        assert self.fleet is not None
+        got = self.fleet.ask_all(("agents", group), "agents", SETUP_TIMEOUT_S)
+        self.info["agents_connected"] += sum(g[0] for g in got)
+        self.info["connect_failed"] += sum(g[1] for g in got)
+
+    def _create(self, owners: list[int], assigned: int) -> None:
+        """Creates the conversations of ``owners`` (all at once); then, with agents, waits
+        until ``assigned`` conversations in all have been taken."""
+        assert self.fleet is not None
+        cmds: list[tuple[Any, ...]] = [
+            ("create", [(row[k], k, self._visitor_node(k)) for k in owners if row[k]])
+            for row in self.shares
+        ]
+        got = self.fleet.ask(cmds, "created", SETUP_TIMEOUT_S)
+        made = sum(g[0] for g in got)
+        secs = max(g[2] for g in got)
+        self.info["conversations_created"] = self.info.get("conversations_created", 0) + made
+        self.info["create_s"] = round(self.info.get("create_s", 0.0) + secs, 3)
+        self.info["create_per_s"] = round(
+            self.info["conversations_created"] / max(self.info["create_s"], 1e-9), 1
+        )
+        if sum(g[1] for g in got):
+            self.info["create_failed"] = self.info.get("create_failed", 0) + sum(g[1] for g in got)
+        if assigned:
+            self._wait_assigned(assigned)
+
+    def _wait_assigned(self, target: int) -> None:
+        """Until the agents have been told of ``target`` conversations (a create that found
+        no agent online in Redis yet is queued, then assigned when the agent's state lands)."""
         fleet = self.fleet
         assert fleet is not None
         deadline = time.monotonic() + SETUP_TIMEOUT_S
         while time.monotonic() < deadline:
-            if fleet.counts()["assigned"] >= self.visitors:
+            if fleet.counts()["assigned"] >= target:
+                self.info.pop("not_assigned", None)
                 return
-            fleet.pump(0.2)
-        self.info["not_assigned"] = self.visitors - fleet.counts()["assigned"]
+            fleet.pump(0.05)
+        self.info["not_assigned"] = target - fleet.counts()["assigned"]
 
     def traffic_start(self, rate: float, duration: float) -> int:
         """Tells the workers to send; returns the common start time (monotonic ns)."""
@@ -269,23 +419,104 @@ class Setup:
     def collect(self, reset: bool = False) -> tuple[dict[str, Any], dict[str, LatencyHistogram]]:
         assert self.fleet is not None
         got = self.fleet.ask_all(("report", reset), "report", 60)
-        return merge_reports([g[0] for g in got])
+        reports = [g[0] for g in got]
+        created: dict[str, int] = {}
+        for r in reports:
+            for status, k in r.get("created", {}).items():
+                created[status] = created.get(status, 0) + k
+        if created:
+            self.info["create_status"] = created
+        if self.agents and not self.relay:
+            self.info["misplaced"] = misplaced(reports)
+        return merge_reports(reports)
 
     def server_summary(self, since_ns: int) -> dict[str, Any]:
-        if self.sampler is None:
+        """CPU and RSS of the server (one node) or of all nodes together."""
+        since = (since_ns - self.t0_ns) / 1e9
+        rows = [s.summary(since) for s in self.samplers]
+        rows = [r for r in rows if r.get("samples")]
+        if not rows:
             return {}
-        out = self.sampler.summary((since_ns - self.t0_ns) / 1e9)
-        out["pid"] = self.sampler.pid
+        if len(self.samplers) == 1:
+            return {**rows[0], "pid": self.samplers[0].pid}
+        return {
+            "nodes": len(rows),
+            "cpu_mean_pct": round(sum(r["cpu_mean_pct"] for r in rows), 1),
+            "cpu_max_node_pct": max(r["cpu_max_pct"] for r in rows),
+            "rss_max_bytes": sum(r["rss_max_bytes"] for r in rows),
+            "rss_last_bytes": sum(r["rss_last_bytes"] for r in rows),
+        }
+
+    def cluster_summary(self, since_ns: int) -> dict[str, Any]:
+        """Per node CPU/RSS and Redis (CPU, RSS, used memory); empty for one node."""
+        if self.nodes <= 1:
+            return {}
+        since = (since_ns - self.t0_ns) / 1e9
+        per_node = []
+        for i, s in enumerate(self.samplers):
+            row = {"node": i, "pid": s.pid, "connections": self.via_count[i], **s.summary(since)}
+            per_node.append(row)
+        out: dict[str, Any] = {"nodes_cpu_rss": per_node}
+        redis: dict[str, Any] = {}
+        if self.redis_sampler is not None:
+            redis.update(self.redis_sampler.summary(since))
+            redis["pid"] = self.redis_sampler.pid
+        if self.redis_clients is not None:
+            redis["connected_clients"] = self.redis_clients
+        redis["used_memory_bytes"] = dict(self.redis_memory)
+        before = self.redis_memory.get("before_connect")
+        after = self.redis_memory.get("after_connect")
+        if before is not None and after is not None:
+            redis["used_memory_connect_delta_bytes"] = after - before
+        out["redis"] = redis
         return out
 
+    def node_samples(self) -> dict[str, Any]:
+        """The CPU/RSS samples for the report's picture: one series per node (and Redis)."""
+        if len(self.samplers) == 1:
+            return {"server_samples": self.samplers[0].samples}
+        series = {f"node {i}": s.samples for i, s in enumerate(self.samplers)}
+        if self.redis_sampler is not None:
+            series["redis"] = self.redis_sampler.samples
+        return {"node_samples": series} if series else {}
+
     def close(self) -> None:
+        if self.redis is not None:  # what Redis holds at the end, the clients still connected
+            self.redis_memory["end"] = self.redis.used_memory()
+            with contextlib.suppress(OSError, ValueError):
+                info = redis_info(self.redis.port, "clients")
+                self.redis_clients = int(info.get("connected_clients", 0))
         if self.fleet is not None:
             self.fleet.close()
-        if self.sampler is not None:
-            self.sampler.stop()
-        if self.server is not None:
-            code = self.server.stop()
-            self.info["server_exit_code"] = code
+            self.fleet = None
+        for s in self.samplers:
+            s.stop()
+        if self.redis_sampler is not None:
+            self.redis_sampler.stop()
+        for server in self.servers:
+            server.terminate()
+        codes = [server.stop() for server in self.servers]
+        logs = {str(i): sv.log_tail for i, sv in enumerate(self.servers) if sv.log_tail.strip()}
+        if logs:
+            self.info["server_log_tail"] = logs
+        self.servers = []
+        if codes:
+            self.info["server_exit_code"] = codes[0] if len(codes) == 1 else codes
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+
+def misplaced(reports: list[dict[str, Any]]) -> int:
+    """Conversations taken by an agent of another group than their owner's: the placement
+    did not hold (with ``cross``, some messages would not cross nodes). Conversations nobody
+    took are counted as ``not_assigned`` instead."""
+    owner: dict[str, int] = {}
+    group: dict[str, int] = {}
+    for r in reports:
+        owner.update(r.get("placement", {}).get("owner", {}))
+        group.update(r.get("placement", {}).get("group", {}))
+    return sum(1 for c, k in owner.items() if group.get(c, k) != k)
 
 
 async def _public_ws_url(http_url: str) -> str:
@@ -339,12 +570,18 @@ def _chat_result(
     res["generator"] = {"skipped_busy": m["skipped"], "behind_max_ms": m["behind_max_ms"]}
     res["server_cpu_rss"] = setup.server_summary(t_go)
     res["errors"] = m["errors"]
+    if m["retried_1013"]:
+        res["connect_retried_1013"] = m["retried_1013"]
+    if m["closes"]:
+        res["closes_seen"] = m["closes"]
+    if m["dropped"]:
+        res["dropped"] = m["dropped"]
     res["accounting"] = _accounting(m, setup.bot)
     res["latency"] = {k: v.summary() for k, v in h.items() if v.total}
     res["series"] = m["series"]
+    res.update(setup.cluster_summary(t_go))
     res["traffic_start_s"] = (t_go - setup.t0_ns) / 1e9
-    if setup.sampler is not None:
-        res["server_samples"] = setup.sampler.samples
+    res.update(setup.node_samples())
     return res
 
 
@@ -362,8 +599,9 @@ def run_chat(
     res = _chat_result(setup, m, h, t_go, args.rate)
     v2a = h["v2a"].summary() if not setup.bot else h["bot"].summary()
     what = "bot answers" if setup.bot else "visitor->agent"
+    where = f" on {setup.nodes} nodes ({args.placement})" if setup.nodes > 1 else ""
     res["headline"] = (
-        f"{'relay' if relay else 'kefu'} {args.scenario} {setup.visitors:,} visitors"
+        f"{'relay' if relay else 'kefu'} {args.scenario}{where} {setup.visitors:,} visitors"
         f" + {setup.agents} agents, {res['delivered_per_s']:,.0f} {what}/s delivered,"
         f" p50 {v2a['p50_ms']} ms p99 {v2a['p99_ms']} ms"
     )
@@ -379,7 +617,7 @@ def run_idle(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
         t_hold = time.monotonic_ns()
         setup.fleet.pump(args.duration)
         held = setup.fleet.counts()["connected"]
-        rss_held = setup.sampler.rss_now() if setup.sampler else 0
+        rss_held = [s.rss_now() for s in setup.samplers]
         per = [math.ceil(args.probe * k / max(1, sum(setup.share))) for k in setup.share]
         got = setup.fleet.ask([("probe", k) for k in per], "probed", 120)
         m, h = setup.collect()
@@ -392,24 +630,40 @@ def run_idle(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     res["probe"] = {"asked": asked, "answered": answered}
     res["probe_unanswered"] = asked - answered
     conns = max(1, setup.info["connected"])
-    delta = setup.rss_after - setup.rss_before
+    before, after = sum(setup.rss_before), sum(setup.rss_after)
+    delta = after - before
     res["server_rss"] = {
-        "before_connect_bytes": setup.rss_before,
-        "after_connect_bytes": setup.rss_after,
-        "after_hold_bytes": rss_held,
+        "before_connect_bytes": before,
+        "after_connect_bytes": after,
+        "after_hold_bytes": sum(rss_held),
         "per_connection_bytes": round(delta / conns),
         "per_connection_kib": round(delta / conns / 1024, 2),
     }
     res["server_cpu_rss"] = setup.server_summary(t_hold)
+    res.update(setup.cluster_summary(t_hold))
+    for row in res.get("nodes_cpu_rss", []):
+        i = row["node"]
+        d = setup.rss_after[i] - setup.rss_before[i]
+        row["rss_before_connect_bytes"] = setup.rss_before[i]
+        row["rss_after_connect_bytes"] = setup.rss_after[i]
+        up = m["up_per_node"][i] if i < len(m["up_per_node"]) else 0
+        row["connections_up"] = up
+        row["rss_per_connection_kib"] = round(d / max(1, up) / 1024, 2)
+    redis_delta = res.get("redis", {}).get("used_memory_connect_delta_bytes")
+    if redis_delta is not None:
+        res["redis"]["used_memory_per_connection_bytes"] = round(redis_delta / conns, 1)
     res["errors"] = m["errors"]
     res["closes_seen"] = m["closes"]
+    if m["retried_1013"]:
+        res["connect_retried_1013"] = m["retried_1013"]
     res["dropped"] = m["dropped"]
     res["latency"] = {k: v.summary() for k, v in h.items() if v.total}
-    if setup.sampler is not None:
-        res["server_samples"] = setup.sampler.samples
+    res.update(setup.node_samples())
+    where = f" on {setup.nodes} nodes" if setup.nodes > 1 else ""
     res["headline"] = (
-        f"idle {setup.info['connected']:,} connections held ({setup.info['connections_per_s']:,.0f}"
-        f" connects/s), server RSS {res['server_rss']['per_connection_kib']} KiB/connection,"
+        f"idle {setup.info['connected']:,} connections held{where}"
+        f" ({setup.info['connections_per_s']:,.0f} connects/s),"
+        f" server RSS {res['server_rss']['per_connection_kib']} KiB/connection,"
         f" probe {answered}/{asked}"
     )
     res["scenario"] = "idle"
@@ -504,9 +758,8 @@ def run_ramp(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     res["errors"] = m["errors"]
     res["latency"] = {k: v.summary() for k, v in total_h.items() if v.total}
     res["series"] = m["series"]
-    if setup.sampler is not None:
-        res["server_samples"] = setup.sampler.samples
-        res["traffic_start_s"] = (first_go - setup.t0_ns) / 1e9
+    res.update(setup.node_samples())
+    res["traffic_start_s"] = (first_go - setup.t0_ns) / 1e9
     res["headline"] = (
         f"ramp {setup.visitors:,} visitors: capacity {res['capacity_per_s']:,.0f} msgs/s"
         f" with visitor->agent p99 <= {args.p99_ms} ms"

@@ -8,6 +8,11 @@
   the ``kefu: ... listening`` lines and is stopped with SIGTERM (killed if it outlives
   :data:`STOP_TIMEOUT_S`); the folder is removed.
 - :class:`SpawnedServer` with ``relay=True`` starts ``python -m loadtest.relay`` instead.
+- :class:`SpawnedRedis` starts a ``redis-server`` for a cluster of spawned nodes (``--nodes``):
+  a free loopback port, its own temporary folder, no persistence, ``--maxclients`` above what
+  the nodes open; each node then gets ``cluster.redis_url`` in its config (every node the same
+  generated config, each its own data directory). :func:`redis_info` reads ``INFO`` over a
+  plain socket (used memory before and after the clients connect).
 - :class:`ProcessSampler` reads ``/proc/PID/stat`` and ``/proc/PID/status`` every
   :data:`SAMPLE_INTERVAL_S` on a thread: CPU (% of one core) and RSS. At most
   :data:`MAX_SAMPLES` samples are kept; past that every other one is dropped and the interval
@@ -16,11 +21,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -33,10 +40,14 @@ import yaml
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
+#: The end of a server's stderr kept in the report (warnings and errors: log_level warning).
+LOG_TAIL_CHARS = 3000
 SAMPLE_INTERVAL_S = 0.5
 MAX_SAMPLES = 4096
 #: The protocol's ``max_chats`` limit (``kefu.protocol.MAX_CHATS_LIMIT``).
 MAX_CHATS = 100
+#: redis-server's ``--maxclients`` for a spawned cluster (it raises its own open-files limit).
+REDIS_MAXCLIENTS = 10_000
 
 _HTTP_LINE = re.compile(r"^(?:kefu|relay): http listening on (http://\S+)\s*$")
 _WS_LINE = re.compile(r"^(?:kefu|relay): ws listening on (ws://\S+)\s*$")
@@ -67,8 +78,14 @@ class SpawnedServer:
         conversations: int,
         bot: bool = False,
         relay: bool = False,
+        cluster_url: str | None = None,
+        agent_chats: list[int] | None = None,
     ) -> None:
+        """``agent_chats``: each agent's ``max_chats`` (default: the conversations spread
+        evenly, at most :data:`MAX_CHATS`); ``cluster_url``: join the cluster of that Redis."""
         self.dir = Path(tempfile.mkdtemp(prefix="kefu-loadtest-"))
+        self.cluster_url = cluster_url
+        self.agent_chats = agent_chats
         self.relay = relay
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         root = str(Path(__file__).resolve().parent.parent)  # run this checkout
@@ -85,6 +102,8 @@ class SpawnedServer:
             cmd, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL, env=env
         )
         self.pid = self.proc.pid
+        self._terminated = False
+        self.log_tail = ""
         self.http_url = ""
         self.ws_url = ""
         ready = threading.Event()
@@ -97,9 +116,10 @@ class SpawnedServer:
         self, connections: int, tokens: list[str], conversations: int, bot: bool
     ) -> list[str]:
         per_agent = min(MAX_CHATS, max(1, math.ceil(conversations / max(1, len(tokens)))))
+        chats = self.agent_chats or [per_agent] * len(tokens)
         cfg: dict[str, Any] = {
             "agents": [
-                {"id": f"agent{i}", "name": f"Agent {i}", "token": t, "max_chats": per_agent}
+                {"id": f"agent{i}", "name": f"Agent {i}", "token": t, "max_chats": chats[i]}
                 for i, t in enumerate(tokens)
             ],
             "bot": {"enabled": bot},
@@ -111,6 +131,8 @@ class SpawnedServer:
             "routing": {"max_queue": max(10_000, conversations + 1_000)},
             "log_level": "warning",
         }
+        if self.cluster_url:
+            cfg["cluster"] = {"redis_url": self.cluster_url}
         if bot:
             kb = {
                 "entries": [
@@ -141,11 +163,19 @@ class SpawnedServer:
     def stderr(self) -> str:
         return (self.dir / "stderr.log").read_text(encoding="utf-8", errors="replace")[-4000:]
 
+    def terminate(self) -> None:
+        """SIGTERM without waiting (the nodes of a cluster are stopped together, so that none
+        outlives the others long enough to take them for dead)."""
+        if self.proc.poll() is None and not self._terminated:
+            self._terminated = True  # a second SIGTERM makes kefu skip its orderly stop
+            self.proc.send_signal(signal.SIGTERM)
+
     def stop(self) -> int | None:
-        """SIGTERM, wait; the exit code (None when it had to be killed)."""
+        """SIGTERM (unless :meth:`terminate` sent it), wait; the exit code (None when it had
+        to be killed)."""
         code: int | None = None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 code = self.proc.wait(STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
@@ -154,8 +184,100 @@ class SpawnedServer:
         else:
             code = self.proc.returncode
         self._stderr.close()
+        self.log_tail = self.stderr()[-LOG_TAIL_CHARS:]
         shutil.rmtree(self.dir, ignore_errors=True)
         return code
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class SpawnedRedis:
+    """A ``redis-server`` on a free loopback port for a cluster of spawned nodes.
+
+    Started without a config file, persistence or a password, in its own temporary folder
+    (removed at :meth:`stop`); ``--maxclients`` well above what the nodes open (each node keeps
+    a few connections: commands, its subscription, blocking reads). Stopped with SIGKILL at the
+    end: nothing of it is worth keeping.
+    """
+
+    def __init__(self, maxclients: int = REDIS_MAXCLIENTS) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="kefu-loadtest-redis-"))
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(self.dir),
+                "--protected-mode", "no",
+                "--maxclients", str(maxclients),
+                "--loglevel", "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise SystemExit(f"redis-server exited with {self.proc.returncode}")
+            with contextlib.suppress(OSError):
+                if redis_info(self.port, "server"):
+                    return
+            time.sleep(0.05)
+        self.stop()
+        raise SystemExit(f"redis-server did not answer on port {self.port}")
+
+    def used_memory(self) -> int:
+        """``INFO memory`` used_memory in bytes (0 when Redis does not answer)."""
+        try:
+            return int(redis_info(self.port, "memory").get("used_memory", 0))
+        except (OSError, ValueError):
+            return 0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def redis_info(port: int, section: str, timeout: float = 5.0) -> dict[str, str]:
+    """``INFO section`` of the Redis on ``127.0.0.1:port`` as a dict (a RESP bulk string)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(f"INFO {section}\r\n".encode())
+        buf = b""
+        while b"\r\n" not in buf:
+            chunk = s.recv(65536)
+            if not chunk:
+                return {}
+            buf += chunk
+        head, _, rest = buf.partition(b"\r\n")
+        if not head.startswith(b"$"):
+            return {}
+        size = int(head[1:])
+        while len(rest) < size:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+    out: dict[str, str] = {}
+    for line in rest[:size].decode("utf-8", "replace").splitlines():
+        if ":" in line and not line.startswith("#"):
+            k, _, v = line.partition(":")
+            out[k] = v
+    return out
 
 
 def _clock_ticks() -> int:
