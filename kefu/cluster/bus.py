@@ -50,6 +50,8 @@ __all__ = ["MAX_ENVELOPE_BYTES", "Bus", "Envelope", "RemoteError"]
 log = logging.getLogger(__name__)
 
 MAX_ENVELOPE_BYTES: Final = 1 << 20
+#: Pause between two attempts to subscribe again.
+RESUBSCRIBE_S: Final = 0.1
 #: Envelopes published in one pipeline.
 WRITE_BATCH: Final = 256
 REQUEST: Final = 0
@@ -104,7 +106,7 @@ class Bus:
         *,
         timeout_s: float = 2.0,
         max_pending: int = 10_000,
-        max_handling: int = 1_000,
+        max_handling: int = 10_000,
         max_outbound: int = 100_000,
     ) -> None:
         self.link = link
@@ -129,6 +131,10 @@ class Bus:
         self.busy_total = 0
         self.subscribed = asyncio.Event()
         self.max_outbound = max_outbound
+        self._closing = False
+        #: Called when the listener subscribed again after a cut (see ``_listen``).
+        self.on_resubscribed: Callable[[], None] | None = None
+        self.resubscribed_total = 0
         self._outbound: deque[_Out] = deque()
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
@@ -159,17 +165,21 @@ class Bus:
         self._writer = loop.create_task(self._write())
         self._task = loop.create_task(self._listen())
         try:
-            await asyncio.wait_for(self.subscribed.wait(), self.timeout_s * 2)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.timeout_s * 2):
+                await self.subscribed.wait()
+        except TimeoutError:
             raise ClusterUnavailable("could not subscribe to the node's channel") from None
 
     async def stop(self) -> None:
-        for task in (self._task, self._writer):
-            if task is None:
-                continue
+        self._closing = True
+        self._wake.set()
+        tasks = {t for t in (self._task, self._writer) if t is not None}
+        for task in tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if tasks:
+            # Bounded: a cancellation swallowed inside the client library still ends the
+            # loops at their next turn (``_closing``).
+            await asyncio.wait(tasks, timeout=self.timeout_s + 1.0)
         self._task = self._writer = None
         for t in list(self._tasks):
             t.cancel()
@@ -209,8 +219,9 @@ class Bus:
             if not receivers:
                 raise ClusterUnavailable(f"node {node} is not listening")
             try:
-                return await asyncio.wait_for(fut, self.timeout_s)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.timeout_s):
+                    return await fut
+            except TimeoutError:
                 self.timeouts_total += 1
                 raise ClusterUnavailable(f"node {node} did not answer {kind}") from None
         finally:
@@ -257,7 +268,7 @@ class Bus:
         """Publish the outbound queue in order, a pipeline at a time: one connection, so the
         envelopes this node sends to one node arrive in the order they were queued."""
         outbound = self._outbound
-        while True:
+        while not self._closing:
             await self._wake.wait()
             self._wake.clear()
             while outbound:
@@ -284,31 +295,39 @@ class Bus:
     # -- receiving -----------------------------------------------------------------------------
 
     async def _listen(self) -> None:
-        """Subscribe, then read for as long as the node runs; resubscribe after a cut."""
+        """Subscribe, then read for as long as the node runs; subscribe again after a cut.
+
+        The listener does not judge whether Redis is up (the heartbeat does: a stale
+        connection after a Redis restart fails once here without Redis being down). When it
+        was cut while the link stayed up, envelopes may have been lost meanwhile:
+        ``on_resubscribed`` lets the node repair that."""
         errors: tuple[type[Exception], ...] = (ClusterUnavailable, *self.link._errors)
         channel = self.channel(self.link.node_id)
-        while True:
+        cut = False
+        while not self._closing:
             try:
                 self._pubsub = self.link.redis.pubsub(ignore_subscribe_messages=True)
                 await self._pubsub.subscribe(channel)
                 self.subscribed.set()
-                while True:
+                if cut:
+                    cut = False
+                    self.resubscribed_total += 1
+                    if self.on_resubscribed is not None:
+                        self.on_resubscribed()
+                while not self._closing:
                     message = await self._pubsub.get_message(timeout=1.0)
                     if message is not None and message.get("type") == "message":
                         self._received(message["data"])
             except asyncio.CancelledError:
                 await self._close_pubsub()
                 raise
-            except errors as exc:
-                self.subscribed.clear()
-                self.link._failed(exc)
-                await self._close_pubsub()
-                await asyncio.sleep(self.link.heartbeat_s)
-            except Exception:
-                log.exception("cluster bus: the listener failed; subscribing again")
+            except Exception as exc:
+                if not isinstance(exc, errors):
+                    log.exception("cluster bus: the listener failed; subscribing again")
+                cut = True
                 self.subscribed.clear()
                 await self._close_pubsub()
-                await asyncio.sleep(self.link.heartbeat_s)
+                await asyncio.sleep(RESUBSCRIBE_S)
 
     async def _close_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None

@@ -73,8 +73,10 @@ log = logging.getLogger(__name__)
 MAX_NODE_INDEX: Final = 0xFFFF
 #: How long one Redis call may take before the link counts as down.
 CALL_TIMEOUT_S: Final = 2.0
-#: Connections the link's pool may open (calls beyond wait for a free one).
+#: Calls to Redis at once (calls beyond wait for a free one, within CALL_TIMEOUT_S).
 MAX_CONNECTIONS: Final = 64
+#: Connections beyond MAX_CONNECTIONS: the Pub/Sub listener, the routing's scripts.
+POOL_HEADROOM: Final = 64
 
 LinkState = Literal["connecting", "up", "down", "closed"]
 T = TypeVar("T")
@@ -148,6 +150,10 @@ class Link:
         self.card: NodeCard | None = None
         self._errors = _redis_errors()
         self._redis: Any = None
+        self._beat_redis: Any = None
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
+        self._closing = False
+        self.busy_total = 0
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
@@ -172,13 +178,23 @@ class Link:
         cannot be reached: a node is not started into a cluster it cannot join."""
         import redis.asyncio as aredis
 
-        self._redis = aredis.Redis.from_url(
-            self.url,
-            socket_timeout=CALL_TIMEOUT_S,
-            socket_connect_timeout=CALL_TIMEOUT_S,
-            max_connections=MAX_CONNECTIONS,
-            decode_responses=False,
-        )
+        def client(connections: int) -> Any:
+            # A blocking pool: a caller past the bound waits for a connection (within the
+            # call's deadline) instead of failing at once as if Redis were gone.
+            pool = aredis.BlockingConnectionPool.from_url(
+                self.url,
+                max_connections=connections,
+                timeout=CALL_TIMEOUT_S,
+                socket_timeout=CALL_TIMEOUT_S,
+                socket_connect_timeout=CALL_TIMEOUT_S,
+            )
+            return aredis.Redis(connection_pool=pool, decode_responses=False)
+
+        # Room for the Pub/Sub listener and the routing's scripts beyond the link's calls.
+        self._redis = client(MAX_CONNECTIONS + POOL_HEADROOM)
+        # Heartbeats have connections of their own: a node busy with traffic must not look
+        # dead to the others for want of a free connection.
+        self._beat_redis = client(2)
         self.index = await self.call(self._take_index)
         self.card = NodeCard(
             id=self.node_id,
@@ -188,17 +204,19 @@ class Link:
             ws_url=ws_url,
             http_url=http_url,
         )
-        await self.call(self._beat)
+        await self.call(self._beat, beat=True)
         self.state = "up"
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
         """Leave the registry (so others need not wait for the timeout) and disconnect."""
+        self._closing = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Bounded: a cancellation swallowed by a library still ends the loop at its next
+            # turn (``_closing``).
+            await asyncio.wait({task}, timeout=CALL_TIMEOUT_S + self.heartbeat_s)
         if self._redis is not None and self.state == "up":
             # Leaving is a courtesy: the heartbeat key expires anyway.
             with contextlib.suppress(Exception):
@@ -206,21 +224,35 @@ class Link:
                     await self._redis.zrem(self.key("nodes"), self.node_id)
                     await self._redis.delete(self.key("node", self.node_id))
         self.state = "closed"
-        if self._redis is not None:
-            with contextlib.suppress(Exception):  # a broken connection: nothing left to do
-                await self._redis.aclose()
+        for r in (self._redis, self._beat_redis):
+            if r is not None:
+                with contextlib.suppress(Exception):  # a broken connection: nothing left
+                    await r.aclose()
 
     # -- calls ---------------------------------------------------------------------------------
 
-    async def call(self, fn: Callable[[Any], Awaitable[T]]) -> T:
-        """``await fn(redis)`` under the link's rules: a connection error or a timeout marks
-        the link down and raises ClusterUnavailable (module doc, "Redis down")."""
+    async def call(self, fn: Callable[[Any], Awaitable[T]], *, beat: bool = False) -> T:
+        """``await fn(redis)`` under the link's rules: at most :data:`MAX_CONNECTIONS` calls
+        at once (the others wait their turn within the deadline: past it they are refused as
+        busy, and Redis does not count as down); a connection error or a timeout of the call
+        itself marks the link down; both raise ClusterUnavailable (module doc)."""
         if self._redis is None:
             raise ClusterUnavailable("the cluster link is not started")
+        running = False
         try:
             async with asyncio.timeout(CALL_TIMEOUT_S):
-                return await fn(self._redis)
+                if beat:
+                    running = True
+                    return await fn(self._beat_redis)
+                async with self._slots:
+                    running = True
+                    return await fn(self._redis)
         except self._errors as exc:
+            if not running:
+                self.busy_total += 1
+                raise ClusterUnavailable(
+                    f"all {MAX_CONNECTIONS} connections to redis are busy"
+                ) from exc
             self._failed(exc)
             raise ClusterUnavailable(f"redis is unreachable: {exc}") from exc
 
@@ -295,13 +327,16 @@ class Link:
         self.reaped_total += 1
 
     async def _run(self) -> None:
-        while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.heartbeat_s)
+        while not self._closing:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for may swallow a cancellation
+            # that meets its timeout, and the node's stop would wait for this loop forever.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.heartbeat_s):
+                    await self._wake.wait()
             self._wake.clear()
             was_up = self.state == "up"
             try:
-                await self.call(self._beat)
+                await self.call(self._beat, beat=True)
             except ClusterUnavailable:
                 continue
             except Exception:

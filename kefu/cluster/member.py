@@ -124,6 +124,8 @@ class Member:
         self.link.on_node_gone = self._node_gone
         self.link.on_reconnect = self._reconnected
         self.link.on_node_dead = self._reap
+        self.bus.on_resubscribed = self._resubscribed
+        self._reconnecting = False
         self._grace_ms = grace_ms
         self._max_queue = max_queue
         self._routing: ClusterRouting | None = None
@@ -742,10 +744,23 @@ class Member:
         self._close_followers(node, "the conversation's node is gone")
 
     async def _reconnected(self) -> None:
-        """Redis is back: what Pub/Sub carried meanwhile is lost, so followers resume; and
-        Redis may have lost its data, so the node announces itself again."""
-        self._close_followers(None, "the cluster's link was cut")
-        await cast("Node", self.node).announce()
+        """Redis is back: what Pub/Sub carried meanwhile is lost, so followers resume (once
+        this node listens again, so that their new attach is answered); and Redis may have
+        lost its data, so the node announces itself again."""
+        self._reconnecting = True
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.request_timeout_s * 2):
+                    await self.bus.subscribed.wait()
+            self._close_followers(None, "the cluster's link was cut")
+            await cast("Node", self.node).announce()
+        finally:
+            self._reconnecting = False
+
+    def _resubscribed(self) -> None:
+        """The listener was cut while Redis stayed up: envelopes may have been lost."""
+        if not self._reconnecting and self.link.up:
+            self._close_followers(None, "the node's listener was cut")
 
     def health(self) -> str:
         return "ok" if self.link.up else "unavailable"
@@ -764,6 +779,9 @@ class Member:
             one("kefu_cluster_node_index", "gauge", "This node's index.", link.index),
             one("kefu_cluster_redis_errors_total", "counter",
                 "Redis calls that failed (connection lost, timeout).", link.errors_total),
+            one("kefu_cluster_redis_busy_total", "counter",
+                "Redis calls refused because every connection stayed busy past the deadline.",
+                link.busy_total),
             one("kefu_cluster_redis_reconnects_total", "counter",
                 "Times Redis came back after being down.", link.reconnects_total),
             one("kefu_cluster_nodes_reaped_total", "counter",

@@ -82,6 +82,7 @@ def test_a_dead_node_is_reaped_once(redis_server: RedisServer) -> None:
             # node2 stops beating without leaving (as after kill -9).
             task = links[2]._task
             assert task is not None
+            links[2]._closing = True  # its loop ends at its next turn
             task.cancel()
             await until(lambda: bool(deaths))
             await asyncio.sleep(2.0)  # time for a second reaping, which must not come

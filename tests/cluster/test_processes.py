@@ -281,12 +281,34 @@ class Workbench:
             self.client.drop()
 
 
+async def full_history(api: Any, conv: str, token: str) -> list[dict[str, Any]]:
+    """Every message of ``conv`` through a node that may not own it: a 503
+    ``cluster_unavailable`` (a call lost between nodes) is retried, as a client would."""
+    out: list[dict[str, Any]] = []
+    after = 0
+    for _ in range(1_000):
+        for _attempt in range(20):
+            status, page = await api.call(
+                "GET", f"/v1/chat/{conv}/messages?after={after}&limit=500", token=token
+            )
+            if status != 503:
+                break
+            assert page["error"]["code"] == "cluster_unavailable", page
+            await asyncio.sleep(0.2)
+        assert status == 200, (status, page)
+        out += page["messages"]
+        if not page["more"]:
+            return out
+        after = page["messages"][-1]["seq"]
+    raise AssertionError("history did not end within 1,000 pages")
+
+
 async def check_histories(node: ServerProcess, visitors: list[Visitor]) -> int:
     """Every acked message in its history, once, with its seq; seqs gap-free."""
     total = 0
     async with node.rest() as api:
         for v in visitors:
-            messages = await api.full_history(v.conv, v.token)
+            messages = await full_history(api, v.conv, v.token)
             seqs = [m["seq"] for m in messages]
             assert seqs == list(range(1, len(seqs) + 1)), (v.conv, seqs)
             by_cid = {}
@@ -420,10 +442,15 @@ def test_redis_stopped_for_5s_during_traffic(tmp_path: Path, durable_redis: Redi
             async with n1.rest() as api:
                 status, out = await api.call("POST", "/v1/chat/create", {"name": "late"})
             assert status == 503 and out["error"]["code"] == "cluster_unavailable", out
-            # ...and /healthz says so, while the node stays up.
-            async with n1.rest() as api:
-                status, health = await api.call("GET", "/healthz")
-            assert status == 200 and health["checks"]["redis"] == "unavailable", health
+
+            # ...and /healthz says so by the next heartbeat, while the node stays up (200).
+            async def reported_down() -> bool:
+                async with n1.rest() as api:
+                    status, health = await api.call("GET", "/healthz")
+                assert status == 200, health
+                return bool(health["checks"]["redis"] == "unavailable")
+
+            await until(reported_down, timeout=4.0, what="redis reported unavailable")
             await asyncio.sleep(max(0.0, 5.0 - (time.monotonic() - down_at)))
             durable_redis.start()
             await asyncio.wait_for(running, 90)
