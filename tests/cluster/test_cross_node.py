@@ -5,8 +5,9 @@ owner, dedup, history and resume through the node that does not own the conversa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,24 @@ def node_config(data_dir: Path, url: str) -> Config:
     )
 
 
+@contextlib.asynccontextmanager
+async def two_nodes(
+    tmp_path: Path, url: str, make: Callable[[Path, str], Config]
+) -> AsyncIterator[tuple[Node, Node]]:
+    """Nodes ``a`` and ``b`` of one cluster, in-process, stopped at the end."""
+    a = Node(make(tmp_path / "a", url))
+    await a.start()
+    try:
+        b = Node(make(tmp_path / "b", url))
+        await b.start()
+        try:
+            yield a, b
+        finally:
+            await b.stop()
+    finally:
+        await a.stop()
+
+
 async def recv(ws: ClientConnection, kind: str | None = None) -> dict[str, Any]:
     while True:
         frame: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 5.0))
@@ -55,11 +74,7 @@ async def hello(node: Node, token: str, **extra: Any) -> tuple[ClientConnection,
 
 def test_visitor_on_one_node_agent_on_another(tmp_path: Path, redis_server: RedisServer) -> None:
     async def body() -> None:
-        a = Node(node_config(tmp_path / "a", redis_server.url))
-        b = Node(node_config(tmp_path / "b", redis_server.url))
-        await a.start()
-        await b.start()
-        try:
+        async with two_nodes(tmp_path, redis_server.url, node_config) as (a, b):
             agent, _ = await hello(a, AGENT_TOKEN)
             await send(agent, type="status", status="online")
             assert (await recv(agent))["type"] == "status"
@@ -134,9 +149,6 @@ def test_visitor_on_one_node_agent_on_another(tmp_path: Path, redis_server: Redi
             assert b_metrics["kefu_cluster_pubsub_lag_events_total"] >= 5
             assert a_metrics["kefu_cluster_fan_out_total"] >= 5
             assert a_metrics["kefu_cluster_forwarded_total"] == 0
-        finally:
-            await b.stop()
-            await a.stop()
 
     run(body)
 
@@ -183,11 +195,7 @@ def test_routing_is_global(tmp_path: Path, redis_server: RedisServer) -> None:
     queue is one queue; an agent chats in a conversation another node owns."""
 
     async def body() -> None:
-        a = Node(two_agents_config(tmp_path / "a", redis_server.url))
-        b = Node(two_agents_config(tmp_path / "b", redis_server.url))
-        await a.start()
-        await b.start()
-        try:
+        async with two_nodes(tmp_path, redis_server.url, two_agents_config) as (a, b):
             alice = await online(b, "alice-token")  # on b
             bob = await online(a, "bob-token")  # on a
             assert a.member is not None
@@ -243,9 +251,6 @@ def test_routing_is_global(tmp_path: Path, redis_server: RedisServer) -> None:
             assert await routing.load("alice") == 2
             for ws in (alice, bob, waiting):
                 await ws.close()
-        finally:
-            await b.stop()
-            await a.stop()
 
     run(body)
 
@@ -254,11 +259,7 @@ def test_presence_is_cluster_wide(tmp_path: Path, redis_server: RedisServer) -> 
     """An agent on one node sees the agents of the other node come online, and their load."""
 
     async def body() -> None:
-        a = Node(two_agents_config(tmp_path / "a", redis_server.url))
-        b = Node(two_agents_config(tmp_path / "b", redis_server.url))
-        await a.start()
-        await b.start()
-        try:
+        async with two_nodes(tmp_path, redis_server.url, two_agents_config) as (a, b):
             alice = await online(a, "alice-token")
 
             async def presence_of(ws: ClientConnection, agent: str, **want: Any) -> None:
@@ -286,8 +287,5 @@ def test_presence_is_cluster_wide(tmp_path: Path, redis_server: RedisServer) -> 
             await presence_of(alice, "bob", status="offline")
             for ws in (alice, again):
                 await ws.close()
-        finally:
-            await b.stop()
-            await a.stop()
 
     run(body)

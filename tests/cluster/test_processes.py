@@ -43,12 +43,13 @@ def cluster_config(url: str, agents: list[dict[str, Any]], **extra: Any) -> dict
 
 
 @pytest.fixture
-def start_nodes(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
-    """``start_nodes(agents)``: three nodes with those agents (the same file on each)."""
+def start_nodes(tmp_path: Path) -> Iterator[Any]:
+    """``start_nodes(url, agents)``: three nodes of the cluster on Redis ``url``, with those
+    agents (the same file on each); all stopped at the end of the test."""
     servers: list[ServerProcess] = []
 
-    def start(agents: list[dict[str, Any]]) -> list[ServerProcess]:
-        cfg = cluster_config(redis_server.url, agents)
+    def start(url: str, agents: list[dict[str, Any]]) -> list[ServerProcess]:
+        cfg = cluster_config(url, agents)
         for i in range(3):
             workdir = tmp_path / f"node{i}"
             workdir.mkdir()
@@ -93,7 +94,9 @@ async def until(check: Any, timeout: float = 20.0, what: str = "condition") -> N
 
 
 def test_three_nodes_chat_route_and_resume(start_nodes: Any, redis_server: RedisServer) -> None:
-    nodes = start_nodes([agent("alice", max_chats=3), agent("bob", max_chats=3, weight=2)])
+    nodes = start_nodes(
+        redis_server.url, [agent("alice", max_chats=3), agent("bob", max_chats=3, weight=2)]
+    )
 
     async def body() -> None:
         n0, n1, n2 = nodes
@@ -324,7 +327,9 @@ async def check_histories(node: ServerProcess, visitors: list[Visitor]) -> int:
 
 
 def test_a_node_killed_during_traffic(start_nodes: Any, redis_server: RedisServer) -> None:
-    nodes = start_nodes([agent("alice", max_chats=10), agent("bob", max_chats=10)])
+    nodes = start_nodes(
+        redis_server.url, [agent("alice", max_chats=10), agent("bob", max_chats=10)]
+    )
 
     async def body() -> None:
         n0, n1, n2 = nodes
@@ -399,84 +404,72 @@ def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
         server.stop()
 
 
-def test_redis_stopped_for_5s_during_traffic(tmp_path: Path, durable_redis: RedisServer) -> None:
-    agents = [agent("alice", max_chats=10)]
-    cfg = cluster_config(durable_redis.url, agents)
-    nodes: list[ServerProcess] = []
-    try:
-        for i in range(3):
-            workdir = tmp_path / f"node{i}"
-            workdir.mkdir()
-            server = ServerProcess(workdir, cfg)
-            nodes.append(server)
-            server.start()
+def test_redis_stopped_for_5s_during_traffic(start_nodes: Any, durable_redis: RedisServer) -> None:
+    nodes = start_nodes(durable_redis.url, [agent("alice", max_chats=10)])
 
-        async def body() -> None:
-            n0, n1, n2 = nodes
-            url = durable_redis.url
-            alice = await n0.agent("alice")
+    async def body() -> None:
+        n0, n1, n2 = nodes
+        url = durable_redis.url
+        alice = await n0.agent("alice")
 
-            async def online() -> bool:
-                return (await stats(url))["agents_available"] == 1
+        async def online() -> bool:
+            return (await stats(url))["agents_available"] == 1
 
-            await until(online, what="alice online")
-            visitors: list[Visitor] = []
-            for i, owner in enumerate([n0, n1, n2]):
-                async with owner.rest() as api:
-                    m = await api.create_chat(name=f"v{i}")
-                assert m["status"] == "assigned"
-                visitors.append(Visitor(m["session_id"], m["token"], nodes, seed=10 + i))
-            deadline = time.monotonic() + 60
-            counter = itertools.count()
+        await until(online, what="alice online")
+        visitors: list[Visitor] = []
+        for i, owner in enumerate([n0, n1, n2]):
+            async with owner.rest() as api:
+                m = await api.create_chat(name=f"v{i}")
+            assert m["status"] == "assigned"
+            visitors.append(Visitor(m["session_id"], m["token"], nodes, seed=10 + i))
+        deadline = time.monotonic() + 60
+        counter = itertools.count()
 
-            async def traffic(v: Visitor, count: int) -> None:
-                for _ in range(count):
-                    await v.send_one(next(counter), deadline)
-                    await asyncio.sleep(0.05)
+        async def traffic(v: Visitor, count: int) -> None:
+            for _ in range(count):
+                await v.send_one(next(counter), deadline)
+                await asyncio.sleep(0.05)
 
-            running = asyncio.gather(*(traffic(v, 100) for v in visitors))
-            await asyncio.sleep(0.5)
-            durable_redis.stop()
-            down_at = time.monotonic()
-            # Meanwhile: what needs the cluster is refused with a clear error...
+        running = asyncio.gather(*(traffic(v, 100) for v in visitors))
+        await asyncio.sleep(0.5)
+        durable_redis.stop()
+        down_at = time.monotonic()
+        # Meanwhile: what needs the cluster is refused with a clear error...
+        async with n1.rest() as api:
+            status, out = await api.call("POST", "/v1/chat/create", {"name": "late"})
+        assert status == 503 and out["error"]["code"] == "cluster_unavailable", out
+
+        # ...and /healthz says so by the next heartbeat, while the node stays up (200).
+        async def reported_down() -> bool:
             async with n1.rest() as api:
-                status, out = await api.call("POST", "/v1/chat/create", {"name": "late"})
-            assert status == 503 and out["error"]["code"] == "cluster_unavailable", out
+                status, health = await api.call("GET", "/healthz")
+            assert status == 200, health
+            return bool(health["checks"]["redis"] == "unavailable")
 
-            # ...and /healthz says so by the next heartbeat, while the node stays up (200).
-            async def reported_down() -> bool:
-                async with n1.rest() as api:
-                    status, health = await api.call("GET", "/healthz")
-                assert status == 200, health
-                return bool(health["checks"]["redis"] == "unavailable")
+        await until(reported_down, timeout=4.0, what="redis reported unavailable")
+        await asyncio.sleep(max(0.0, 5.0 - (time.monotonic() - down_at)))
+        durable_redis.start()
+        await asyncio.wait_for(running, 90)
 
-            await until(reported_down, timeout=4.0, what="redis reported unavailable")
-            await asyncio.sleep(max(0.0, 5.0 - (time.monotonic() - down_at)))
-            durable_redis.start()
-            await asyncio.wait_for(running, 90)
+        async def healthy() -> bool:
+            async with n1.rest() as api:
+                _, health = await api.call("GET", "/healthz")
+            return bool(health["checks"].get("redis") == "ok")
 
-            async def healthy() -> bool:
-                async with n1.rest() as api:
-                    _, health = await api.call("GET", "/healthz")
-                return bool(health["checks"].get("redis") == "ok")
+        await until(healthy, what="redis ok again")
+        total = await check_histories(n0, visitors)
+        assert total == 300
+        assert sum(v.retries for v in visitors) > 0  # the outage was felt
+        # Alice's connection followed other nodes' conversations: it was closed (1012) when
+        # Redis came back, and she reconnects, as the workbench does.
+        code, _ = await alice.closed()
+        assert code == 1012, code
+        alice = await n0.agent("alice")
+        await until(online, what="alice online again")
+        # The cluster works again: a new conversation is routed to alice.
+        async with n2.rest() as api:
+            fresh = await api.create_chat(name="after")
+        assert fresh["status"] == "assigned"
+        alice.drop()
 
-            await until(healthy, what="redis ok again")
-            total = await check_histories(n0, visitors)
-            assert total == 300
-            assert sum(v.retries for v in visitors) > 0  # the outage was felt
-            # Alice's connection followed other nodes' conversations: it was closed (1012) when
-            # Redis came back, and she reconnects, as the workbench does.
-            code, _ = await alice.closed()
-            assert code == 1012, code
-            alice = await n0.agent("alice")
-            await until(online, what="alice online again")
-            # The cluster works again: a new conversation is routed to alice.
-            async with n2.rest() as api:
-                fresh = await api.create_chat(name="after")
-            assert fresh["status"] == "assigned"
-            alice.drop()
-
-        run(body, timeout=150)
-    finally:
-        for server in nodes:
-            server.close()
+    run(body, timeout=150)
