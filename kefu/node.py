@@ -1668,43 +1668,61 @@ class Node:
     def agent_conversations(self, agent_id: str) -> AgentConversations:
         """``GET /v1/agent/conversations``: the agent's open conversations with its read marks,
         and the first :data:`WAITING_SHOWN` of the waiting queue (those it may accept)."""
-        mine: list[AgentConversation] = []
-        reader = f"agent:{agent_id}"
-        for conv in self.routing.conversations_of(agent_id):
-            state = self.conversations.get(conv)
-            if state is None:
-                continue
-            tail = self.store.tail(conv, 1)
-            mine.append(
-                AgentConversation(
-                    session_id=format_conv_id(conv),
-                    status=state.status,
-                    epoch=state.epoch,
-                    top_seq=state.top_seq,
-                    read_seq=min(self.store.get_read_mark(conv, reader), state.top_seq),
-                    created_ts=state.created_ms,
-                    updated_ts=state.last_activity_ms,
-                    visitor=_profile(state),
-                    last_message=_msg_frame(tail[-1]) if tail else None,
-                )
+        mine = [
+            c
+            for c in (
+                self._agent_conversation(agent_id, conv)
+                for conv in self.routing.conversations_of(agent_id)
             )
+            if c is not None
+        ]
         waiting: list[WaitingConversation] = []
         for position, entry in enumerate(self.routing.queue, start=1):
             if len(waiting) >= WAITING_SHOWN:
                 break
-            state = self.conversations.get(entry.conv)
-            if state is None:
-                continue
-            waiting.append(
-                WaitingConversation(
-                    session_id=format_conv_id(entry.conv),
-                    position=position,
-                    created_ts=state.created_ms,
-                    visitor=_profile(state),
-                    group=entry.group,
-                )
-            )
+            found = self._waiting_conversation(entry.conv, position)
+            if found is not None:
+                waiting.append(found)
         return AgentConversations(conversations=mine, queue=waiting)
+
+    async def agent_conversations_anywhere(self, agent_id: str) -> AgentConversations:
+        """:meth:`agent_conversations` over the cluster: the agent's conversations and the
+        cluster's queue from Redis, each described by its owner."""
+        member = self.member
+        if member is None:
+            return self.agent_conversations(agent_id)
+        held = await member.routing.conversations_of(agent_id)
+        head = await member.queue_head(WAITING_SHOWN)
+        return await member.describe_for_agent(agent_id, held, head)
+
+    def _agent_conversation(self, agent_id: str, conv: int) -> AgentConversation | None:
+        state = self.conversations.get(conv)
+        if state is None:
+            return None
+        tail = self.store.tail(conv, 1)
+        return AgentConversation(
+            session_id=format_conv_id(conv),
+            status=state.status,
+            epoch=state.epoch,
+            top_seq=state.top_seq,
+            read_seq=min(self.store.get_read_mark(conv, f"agent:{agent_id}"), state.top_seq),
+            created_ts=state.created_ms,
+            updated_ts=state.last_activity_ms,
+            visitor=_profile(state),
+            last_message=_msg_frame(tail[-1]) if tail else None,
+        )
+
+    def _waiting_conversation(self, conv: int, position: int) -> WaitingConversation | None:
+        state = self.conversations.get(conv)
+        if state is None:
+            return None
+        return WaitingConversation(
+            session_id=format_conv_id(conv),
+            position=position,
+            created_ts=state.created_ms,
+            visitor=_profile(state),
+            group=state.group,
+        )
 
     def agent_session_stats(self, agent_id: str, session_id: str) -> SessionStats:
         """The stats of a conversation the agent may see (its own or a queued one)."""

@@ -27,12 +27,15 @@ from kefu.errors import KefuError
 from kefu.hub import Encoded, Principal, frame_tag
 from kefu.metrics import CollectedFamily, Kind
 from kefu.protocol import (
+    AgentConversation,
+    AgentConversations,
     AgentPresence,
     AgentStatus,
     ClientFrame,
     ConvState,
     Error,
     Presence,
+    WaitingConversation,
     decode_client_frame,
     encode_msgpack,
 )
@@ -142,6 +145,7 @@ class Member:
         self.node = node
         bus = self.bus
         bus.on_request("rest", self._serve_rest)
+        bus.on_request("agent_view", self._serve_agent_view)
         bus.on_event("presence", self._on_presence)
         bus.on_event("effects", self._on_effects)
         bus.on_event("moved", self._on_moved)
@@ -590,6 +594,61 @@ class Member:
             page = node.history(session_id, after, limit, role=role, principal=principal)
             return encode_msgpack(page)
         raise ValueError(f"unknown call {op!r}")
+
+    async def queue_head(self, count: int) -> list[int]:
+        """The first ``count`` conversations of the cluster's queue, in order."""
+        key = f"{self.config.key_prefix}route:queue"
+
+        async def read(r: Any) -> list[Any]:
+            return list(await r.zrange(key, 0, count - 1))
+
+        return [int(raw, 16) for raw in await self.link.call(read)]
+
+    async def describe_for_agent(
+        self, agent_id: str, held: list[int], head: list[int]
+    ) -> AgentConversations:
+        """``GET /v1/agent/conversations`` in a cluster: each owner describes its own."""
+        by_owner: dict[str, tuple[list[int], list[tuple[int, int]]]] = {}
+        for conv in held:
+            by_owner.setdefault(await self.owner_of(conv), ([], []))[0].append(conv)
+        for position, conv in enumerate(head, start=1):
+            by_owner.setdefault(await self.owner_of(conv), ([], []))[1].append((conv, position))
+        mine: list[AgentConversation] = []
+        waiting: list[WaitingConversation] = []
+        for owner, (convs, queued) in by_owner.items():
+            if owner == self.node_id:
+                part = self._describe_here(agent_id, convs, queued)
+            else:
+                try:
+                    raw = await self.bus.request(owner, "agent_view", (agent_id, convs, queued))
+                except KefuError as exc:
+                    log.warning(
+                        "cluster: node %s did not describe its conversations: %s", owner, exc
+                    )
+                    continue  # that node is away: its conversations are left out meanwhile
+                part = msgspec.msgpack.decode(raw, type=AgentConversations)
+            mine += part.conversations
+            waiting += part.queue
+        mine.sort(key=lambda c: held.index(int(c.session_id, 16)))
+        waiting.sort(key=lambda w: w.position)
+        return AgentConversations(conversations=mine, queue=waiting)
+
+    def _describe_here(
+        self, agent_id: str, convs: list[int], queued: list[tuple[int, int]]
+    ) -> AgentConversations:
+        node = cast("Node", self.node)
+        mine = [node._agent_conversation(agent_id, c) for c in convs[:MAX_REPLY_FRAMES]]
+        waiting = [node._waiting_conversation(c, p) for c, p in queued[:MAX_REPLY_FRAMES]]
+        return AgentConversations(
+            conversations=[c for c in mine if c is not None],
+            queue=[w for w in waiting if w is not None],
+        )
+
+    async def _serve_agent_view(self, sender: str, body: Any) -> bytes:
+        agent_id, convs, queued = body
+        return encode_msgpack(
+            self._describe_here(agent_id, list(convs), [(c, p) for c, p in queued])
+        )
 
     async def _serve_describe(self, sender: str, body: Any) -> bytes | None:
         node = cast("Node", self.node)

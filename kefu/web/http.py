@@ -663,7 +663,7 @@ class HttpServer:
         return _json(self.node.agent_me(self._agent(request)))
 
     async def agent_conversations(self, request: web.Request) -> web.Response:
-        return _json(self.node.agent_conversations(self._agent(request)))
+        return _json(await self.node.agent_conversations_anywhere(self._agent(request)))
 
     async def agent_session_stats(self, request: web.Request) -> web.Response:
         agent = self._agent(request)

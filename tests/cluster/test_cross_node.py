@@ -226,6 +226,12 @@ def test_routing_is_global(tmp_path: Path, redis_server: RedisServer) -> None:
             assert status == "queued"
             waiting, _ = await hello(a, fifth_token)  # its visitor on the other node
             assert (await recv(waiting, "queued"))["position"] == 1
+            # The workbench's list, asked on either node: every conversation of hers wherever
+            # it lives, and the cluster's queue.
+            for node in (a, b):
+                view = await node.agent_conversations_anywhere("alice")
+                assert {c.session_id for c in view.conversations} == got_alice
+                assert [(w.session_id, w.position) for w in view.queue] == [(fifth, 1)]
 
             assert got_alice == {convs[0], convs[2]} and got_bob == {convs[1], convs[3]}
             # Alice (on b) writes into v1, which a owns; its visitor, on a, reads it.
