@@ -527,9 +527,6 @@ class Member:
             if not nodes:
                 del self._watchers[conv]
 
-    def _collector(self, role: str, principal: str) -> _Collector:
-        return _Collector(role, principal)
-
     async def _serve_frame(self, sender: str, body: Any) -> list[tuple[str, bytes]]:
         """A command of a client connected to ``sender``, for a conversation owned here."""
         node = cast("Node", self.node)
@@ -887,19 +884,6 @@ class Member:
     def _take_lag_max(self) -> float:
         lag, self.lag_max = self.lag_max, 0.0
         return lag
-
-    def stats(self) -> dict[str, Any]:
-        link = self.link
-        return {
-            "redis_up": 1 if link.up else 0,
-            "nodes": len(link.live_nodes),
-            "index": link.index,
-            "redis_errors_total": link.errors_total,
-            "redis_reconnects_total": link.reconnects_total,
-            "heartbeats_total": link.heartbeats_total,
-            "nodes_reaped_total": link.reaped_total,
-            **{f"bus_{k}": v for k, v in self.bus.stats().items()},
-        }
 
 
 def _ref(frame: ClientFrame) -> str:
