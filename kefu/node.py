@@ -685,17 +685,7 @@ class Node:
         and again when Redis comes back (it may have lost its data)."""
         member = cast("Member", self.member)
         for known in self.pool:
-            self._run_effects(
-                await member.routed(
-                    member.routing.upsert_agent(
-                        known.id,
-                        weight=known.weight,
-                        max_chats=known.max_chats,
-                        groups=known.groups,
-                        disabled=known.disabled,
-                    )
-                )
-            )
+            await self._upsert_in_cluster(known.id)
             if known.connections:
                 member.report_agent(known.id)
         await self._reconcile()
@@ -1806,9 +1796,28 @@ class Node:
             self._sessions.pop(req.id, None)
             self.pool.remove(req.id)
             raise
+        await self._upsert_in_cluster(req.id)
         view = self._agent_view(req.id)
         self._presence_changed(req.id)
         return AgentCreated(**{f: getattr(view, f) for f in view.__struct_fields__}, token=token)
+
+    async def _upsert_in_cluster(self, agent_id: str) -> None:
+        """Cluster mode: the agent's settings into the cluster's routing (kefu.cluster)."""
+        member = self.member
+        if member is None or agent_id not in self.pool:
+            return
+        agent = self.pool.get(agent_id)
+        self._run_effects(
+            await member.routed(
+                member.routing.upsert_agent(
+                    agent_id,
+                    weight=agent.weight,
+                    max_chats=agent.max_chats,
+                    groups=agent.groups,
+                    disabled=agent.disabled,
+                )
+            )
+        )
 
     def _check_mutable(self, agent_id: str) -> None:
         self.pool.get(agent_id)  # UnknownAgent
@@ -1835,6 +1844,7 @@ class Node:
                 self._session_conns.pop(c.id, None)
                 c.close(1008, "agent disabled")
         await asyncio.gather(fut, *futures)
+        await self._upsert_in_cluster(agent_id)
         return self._agent_view(agent_id)
 
     async def rotate_agent_token(self, agent_id: str, req: AgentTokenRequest) -> AgentToken:
@@ -1883,6 +1893,8 @@ class Node:
             c.close(1008, "agent removed")
         self._presence_dirty.discard(agent_id)
         await asyncio.gather(fut, *futures)
+        if self.member is not None:
+            self._run_effects(await self.member.routed(self.member.routing.remove_agent(agent_id)))
 
     # -- FrameHandler -----------------------------------------------------------------------
 
@@ -2028,14 +2040,14 @@ class Node:
             )
             if position is not None:
                 conn.send(Queued(conv=conv_hex, position=position))
-        elif (
-            current.status == "assigned"
-            and current.agent_id is not None
-            and current.agent_id in self.pool
-        ):
-            agent = self.pool.get(current.agent_id)
-            ref = AgentRef(id=agent.id, name=agent.name)
+        elif current.status == "assigned" and current.agent_id is not None:
+            ref = AgentRef(id=current.agent_id, name=self._agent_name(current.agent_id))
             conn.send(Assigned(conv=conv_hex, agent=ref, epoch=current.epoch))
+
+    def _agent_name(self, agent_id: str) -> str:
+        """The agent's display name; its id for an agent this node does not know (one an
+        administrator created on another node of the cluster)."""
+        return self.pool.get(agent_id).name if agent_id in self.pool else agent_id
 
     async def on_frame(self, conn: Connection, frame: ClientFrame) -> None:
         key = self.hub.key_of(conn)
@@ -2353,7 +2365,7 @@ class Node:
     def _sender(self, key: Principal) -> Sender:
         role, principal = key
         if role == "agent":
-            return Sender(role="agent", id=principal, name=self.pool.get(principal).name)
+            return Sender(role="agent", id=principal, name=self._agent_name(principal))
         return Sender(role="visitor", id=principal, name="visitor")
 
     def _participants(self, state: ConversationState) -> list[Principal]:
@@ -2454,8 +2466,7 @@ class Node:
             visitor: list[Principal] = [("visitor", state.visitor_id)]
             if isinstance(effect, Assign):
                 self._presence_changed(effect.agent_id)
-                agent = self.pool.get(effect.agent_id)
-                ref = AgentRef(id=effect.agent_id, name=agent.name)
+                ref = AgentRef(id=effect.agent_id, name=self._agent_name(effect.agent_id))
                 self._to(state, visitor, Assigned(conv=conv_hex, agent=ref, epoch=state.epoch))
                 agent_key = ("agent", effect.agent_id)
                 if not self.hub.is_connected(agent_key) and not self._followed(state):
@@ -2487,6 +2498,8 @@ class Node:
 
     def _presence_changed(self, agent_id: str) -> None:
         """Announce ``agent_id``'s presence to every agent, once per loop turn (module doc)."""
+        if agent_id not in self.pool:
+            return  # an agent of another node of the cluster: that node announces it
         self._presence_dirty.add(agent_id)
         if not self._presence_scheduled and self._loop is not None:
             self._presence_scheduled = True

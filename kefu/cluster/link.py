@@ -23,11 +23,13 @@ it and removes it from the set. A node that comes back simply registers again.
 
 Redis down
 ----------
-Every call that fails with a connection error or a timeout marks the link ``down`` and raises
-:class:`ClusterUnavailable` (``cluster_unavailable``): the caller refuses what needs the
-cluster with that error and keeps serving what is local. The heartbeat task keeps trying every
-``heartbeat_s``; the first success marks the link ``up`` again and calls ``on_reconnect``, where
-the node re-announces what Redis lost or missed. A node whose Redis is down does not reap
+Every call that fails with a connection error or a timeout raises :class:`ClusterUnavailable`
+(``cluster_unavailable``): the caller refuses what needs the cluster with that error and keeps
+serving what is local. The heartbeat alone (every ``heartbeat_s``, on connections of its own)
+judges the link: a failed beat marks it ``down``, the next good one ``up`` again and calls
+``on_reconnect``, where the node re-announces what Redis lost or missed. (A failed ordinary call
+does not mark it down: right after Redis comes back, pooled connections that died with it fail
+once more, and each would otherwise count as a new outage.) A node whose Redis is down does not reap
 anyone: it cannot tell a dead node from its own cut.
 
 Keys (``prefix`` default ``kefu:``)
@@ -253,7 +255,14 @@ class Link:
                 raise ClusterUnavailable(
                     f"all {MAX_CONNECTIONS} connections to redis are busy"
                 ) from exc
-            self._failed(exc)
+            if beat:
+                self._failed(exc)
+            else:
+                # Counted, but only the heartbeat judges Redis down: right after Redis comes
+                # back, a pooled connection that died with it fails once more, and taking that
+                # for a new outage would close the followers a second time.
+                self.errors_total += 1
+                self.last_error = repr(exc)
             raise ClusterUnavailable(f"redis is unreachable: {exc}") from exc
 
     def _failed(self, exc: BaseException) -> None:

@@ -15,6 +15,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from kefu.config import AgentConfig, BotConfig, ClusterConfig, Config, WsConfig
 from kefu.node import Node
+from kefu.protocol import AgentCreate
 from tests import aio
 from tests.cluster.redis_server import RedisServer
 
@@ -292,6 +293,36 @@ def test_presence_is_cluster_wide(tmp_path: Path, redis_server: RedisServer) -> 
             await bob.close()
             await presence_of(alice, "bob", status="offline")
             for ws in (alice, again):
+                await ws.close()
+
+    run(body)
+
+
+def test_an_agent_made_by_an_admin_on_one_node_serves_the_cluster(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """An agent created through the admin API on node a (kept in a's store) joins the cluster's
+    routing: it gets a conversation that b owns and chats in it, connected to a."""
+
+    async def body() -> None:
+        async with two_nodes(tmp_path, redis_server.url, two_agents_config) as (a, b):
+            await a.create_agent(
+                AgentCreate(id="dave", name="Dave", max_chats=2, token="dave-token-0123456789")
+            )
+            dave = await online(a, "dave-token-0123456789")
+            conv, _v, token, status, _c = await b.create_chat(name="v")
+            assert status == "assigned"
+            assert (await recv(dave, "assigned"))["conv"] == conv
+            visitor, _ = await hello(b, token)
+            assigned = await recv(visitor, "assigned")
+            assert assigned["agent"]["id"] == "dave"  # b does not know the name: the id
+            await send(dave, type="send", conv=conv, client_msg_id="d1", text="hello")
+            assert (await recv(dave, "ack"))["seq"] == 1
+            got = await recv(visitor, "msg")
+            assert (got["text"], got["from"]["id"]) == ("hello", "dave")
+            await a.delete_agent("dave")
+            assert await b.member.routing.assigned_to(int(conv, 16)) is None  # requeued
+            for ws in (dave, visitor):
                 await ws.close()
 
     run(body)

@@ -82,6 +82,10 @@ def test_redis_down_is_reported_not_fatal(tmp_path: Path, redis_server: RedisSer
             redis_server.stop()
             with pytest.raises(ClusterUnavailable):
                 await node.member.link.call(lambda r: r.ping())
+            for _ in range(100):  # the next heartbeat (0.1 s) judges
+                if node.health().checks["redis"] != "ok":
+                    break
+                await asyncio.sleep(0.05)
             health = node.health()
             assert health.status == "ok" and health.checks["redis"] == "unavailable"
             assert "\nkefu_cluster_redis_up 0\n" in node.metrics_text().decode()
