@@ -10,6 +10,7 @@ which needs the node to answer anything. Once both listen, stdout gets, flushed:
 
     kefu: http listening on http://HOST:PORT
     kefu: ws listening on ws://HOST:PORT/ws
+    kefu: grpc listening on grpc://HOST:PORT    (only with grpc.port; grpcs:// with TLS)
     kefu: ready
 
 (``https://`` and ``wss://`` with TLS). Tools and tests wait for ``kefu: ready`` and read the
@@ -27,12 +28,13 @@ file, before the store is opened.
 
 Stop
 ----
-SIGINT and SIGTERM start a graceful stop: the HTTP server stops accepting and lets the requests
-in flight finish, then the node closes every WebSocket connection with 1001, flushes the store
-and closes it; the exit code is 0. The stop is bounded by the servers' own timeouts: requests
-in flight get ``kefu.web.http.SHUTDOWN_TIMEOUT_S``, the WebSocket close handshakes
-``kefu.web.ws.CLOSE_TIMEOUT_S`` (5 s each). A second signal during the stop ends the process
-at once with exit code 1 without waiting for anything: an operator who presses Ctrl-C twice
+SIGINT and SIGTERM start a graceful stop: the gRPC server (when on) ends its subscriptions
+(UNAVAILABLE) and lets its calls in flight finish, the HTTP server stops accepting and lets the
+requests in flight finish, then the node closes every WebSocket connection with 1001, flushes
+the store and closes it; the exit code is 0. The stop is bounded by the servers' own
+timeouts: requests in flight get ``kefu.web.http.SHUTDOWN_TIMEOUT_S``, the WebSocket close
+handshakes ``kefu.web.ws.CLOSE_TIMEOUT_S`` (5 s each). A second signal during the stop ends the
+process at once with exit code 1 without waiting for anything: an operator who presses Ctrl-C twice
 means it. Nothing acknowledged is lost that way (ack after persist: an
 acknowledged message is already in RocksDB's write-ahead log); what is lost is only the
 orderly close of connections. A signal that arrives while the node is still starting is acted
@@ -76,7 +78,7 @@ import socket
 import ssl
 import sys
 import time
-from typing import Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import msgspec
 import uvloop
@@ -86,6 +88,9 @@ from kefu.config import Config, TlsConfig
 from kefu.node import Node
 from kefu.store import StoreError
 from kefu.web.http import HttpServer
+
+if TYPE_CHECKING:
+    from kefu.grpc.server import GrpcServer
 
 __all__ = [
     "EXIT_CONFIG",
@@ -197,6 +202,30 @@ def tls_context(tls: TlsConfig) -> ssl.SSLContext | None:
     return ctx
 
 
+def _grpc_front() -> type[GrpcServer]:
+    """The gRPC server class, or :class:`StartError` (exit code 2) when the ``grpc`` extra is
+    not installed: checked before anything starts, as a configuration error."""
+    try:
+        from kefu.grpc.server import GrpcServer
+    except ImportError as exc:
+        from kefu.grpc import INSTALL_HINT
+
+        raise StartError(
+            f"`grpc.port` is set but gRPC support is not installed ({exc}): {INSTALL_HINT}",
+            EXIT_CONFIG,
+        ) from None
+    return GrpcServer
+
+
+def _tls_files(tls: TlsConfig) -> tuple[bytes, bytes] | None:
+    """The PEM certificate chain and key for the gRPC port (already checked by
+    :func:`tls_context`), or None without TLS."""
+    if tls.cert is None or tls.key is None:
+        return None
+    with open(tls.cert, "rb") as cert, open(tls.key, "rb") as key:
+        return cert.read(), key.read()
+
+
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -281,6 +310,7 @@ async def serve(config: Config) -> None:
     Raises :class:`StartError` when the node cannot start; whatever had started is stopped.
     """
     ssl_ctx = tls_context(config.tls)
+    grpc_front = _grpc_front() if config.grpc.port is not None else None
     log.info(
         "kefu %s starting: data dir %s, durability %s, TLS %s",
         __version__,
@@ -309,6 +339,17 @@ async def serve(config: Config) -> None:
         except OSError as exc:
             raise _listen_failure("HTTP", config.http.host, config.http.port, exc) from exc
 
+        grpc_url = None
+        if grpc_front is not None:
+            grpc_server = grpc_front(config, node, tls=_tls_files(config.tls))
+            started.push_async_callback(grpc_server.stop)  # stopped first, before HTTP
+            try:
+                await grpc_server.start()
+            except OSError as exc:
+                raise _listen_failure("gRPC", grpc_server.host, config.grpc.port or 0, exc) from exc
+            grpc_scheme = "grpcs" if ssl_ctx is not None else "grpc"
+            grpc_url = f"{grpc_scheme}://{_url_host(grpc_server.host)}:{grpc_server.port}"
+
         tune_gc()
         scheme, ws_scheme = ("https", "wss") if ssl_ctx is not None else ("http", "ws")
         http_base = f"{scheme}://{_url_host(config.http.host)}:{http.port}"
@@ -316,6 +357,8 @@ async def serve(config: Config) -> None:
         _announce_credentials(node, http_base)
         _say(f"kefu: http listening on {http_base}")
         _say(f"kefu: ws listening on {ws_url}")
+        if grpc_url is not None:
+            _say(f"kefu: grpc listening on {grpc_url}")
         _say("kefu: ready")
 
         await signals.requested.wait()

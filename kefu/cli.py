@@ -42,7 +42,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--data-dir", metavar="DIR", help="where the store lives (default: ./kefu-data)"
     )
     serve.add_argument(
-        "--host", metavar="H", help="address both servers listen on (default: 127.0.0.1)"
+        "--host", metavar="H", help="address the servers listen on (default: 127.0.0.1)"
     )
     serve.add_argument(
         "--http-port", metavar="P", type=int, help="HTTP port, 0 for any free one (default: 8080)"
@@ -52,6 +52,12 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="Q",
         type=int,
         help="WebSocket port, 0 for any free one (default: 8081)",
+    )
+    serve.add_argument(
+        "--grpc-port",
+        metavar="G",
+        type=int,
+        help="gRPC port, 0 for any free one (default: none, no gRPC; needs kefu[grpc])",
     )
     serve.add_argument(
         "--cluster",
@@ -93,7 +99,11 @@ def _info() -> int:
 def _serve(args: argparse.Namespace) -> int:
 
     overrides = overrides_from_cli(
-        data_dir=args.data_dir, host=args.host, http_port=args.http_port, ws_port=args.ws_port
+        data_dir=args.data_dir,
+        host=args.host,
+        http_port=args.http_port,
+        ws_port=args.ws_port,
+        grpc_port=args.grpc_port,
     )
     # overrides_from_cli knows only the options above; these take the same dotted keys.
     for key, value in (

@@ -21,7 +21,8 @@ Sources, weakest first
 
    A variable set to the empty string counts as unset (``KEFU_API_KEY= kefu serve`` does not
    switch the API key off by accident);
-4. the command line (``--data-dir``, ``--host``, ``--http-port``, ``--ws-port``), given to
+4. the command line (``--data-dir``, ``--host``, ``--http-port``, ``--ws-port``,
+   ``--grpc-port``), given to
    :func:`load_config` as ``overrides`` with dotted keys (:func:`overrides_from_cli` builds
    them; ``--host`` sets both ``http.host`` and ``ws.host``).
 
@@ -70,6 +71,7 @@ __all__ = [
     "ClusterConfig",
     "Config",
     "ConfigError",
+    "GrpcConfig",
     "HttpConfig",
     "IdentityConfig",
     "LimitsConfig",
@@ -209,6 +211,16 @@ class WsConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     # A conformance-test aid: on this path the WebSocket front echoes every message instead of
     # speaking the chat protocol (the Autobahn test suite drives an echo server). None: off.
     echo_path: UrlPath | None = None
+
+
+class GrpcConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """The gRPC front (``kefu.grpc``, installed with the ``grpc`` extra): off while ``port`` is
+    null. TLS follows ``tls``; the limits are those of REST and the WebSocket."""
+
+    host: Host | None = None  # null: http.host (so `kefu serve --host` moves it too)
+    port: Port | None = None
+    # Open Subscribe streams at once; one more is refused with RESOURCE_EXHAUSTED.
+    max_subscribers: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
 
 
 class AgentConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -386,6 +398,7 @@ class Config(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     data_dir: FilePath = "./kefu-data"
     http: HttpConfig = field(default_factory=HttpConfig)
     ws: WsConfig = field(default_factory=WsConfig)
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)
     admin_token: Secret | None = None
     api_key: Secret | None = None
     agents: Annotated[list[AgentConfig], Meta(max_length=10_000)] = field(default_factory=list)
@@ -448,6 +461,18 @@ class Config(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
                 "ws.port",
                 "http.port",
             )
+        grpc = self.grpc
+        for other, port, host in (
+            ("http", self.http.port, self.http.host),
+            ("ws", self.ws.port, self.ws.host),
+        ):
+            if grpc.port == port != 0 and _hosts_overlap(grpc.host or self.http.host, host):
+                raise _CrossFieldError(
+                    f"`grpc.port` and `{other}.port` are both {port} on overlapping hosts: "
+                    "gRPC listens on a port of its own",
+                    "grpc.port",
+                    f"{other}.port",
+                )
         if self.ws.outbound_limit_bytes < self.ws.max_msg_bytes:
             raise _CrossFieldError(
                 f"`ws.outbound_limit_bytes` ({self.ws.outbound_limit_bytes}) must be at least "
@@ -511,10 +536,12 @@ def overrides_from_cli(
     host: str | None = None,
     http_port: int | None = None,
     ws_port: int | None = None,
+    grpc_port: int | None = None,
 ) -> dict[str, Any]:
     """The ``overrides`` for :func:`load_config` from ``kefu serve``'s options (None: not given).
 
-    ``--host`` binds both servers, which is what one host flag can mean.
+    ``--host`` binds every server (HTTP, WebSocket, and gRPC through its default
+    ``grpc.host``), which is what one host flag can mean.
     """
     out: dict[str, Any] = {}
     if data_dir is not None:
@@ -526,6 +553,8 @@ def overrides_from_cli(
         out["http.port"] = http_port
     if ws_port is not None:
         out["ws.port"] = ws_port
+    if grpc_port is not None:
+        out["grpc.port"] = grpc_port
     return out
 
 

@@ -1206,6 +1206,17 @@ class Node:
         except NotFound:
             return None
 
+    def conversation_state(self, session_id: str) -> ConvState:
+        """Where ``session_id`` stands, as a ``welcome`` tells it (``not_found`` when it is not
+        a conversation of this node): for the gRPC front's subscribers with the API key."""
+        state = self._session(session_id)
+        return ConvState(
+            conv=format_conv_id(state.id),
+            epoch=state.epoch,
+            top_seq=state.top_seq,
+            status=state.status,
+        )
+
     def check_identity(self, user_id: str | None, user_hash: str | None) -> None:
         """PROTOCOL.md "Identities": with ``identity.required`` a ``user_id`` needs its valid
         ``user_hash``; a hash given is always checked. Raises :class:`Unauthorized`."""

@@ -149,7 +149,13 @@ def text_summary(report: dict[str, Any]) -> str:
     lines += _cluster_lines(res)
     skip = ("latency", "series", "server_samples", "node_samples", "steps", "accounting")
     for key, value in res.items():
-        if key in skip or key in ("headline", "nodes_cpu_rss", "redis", "server_log_tail"):
+        if key in skip or key in (
+            "headline",
+            "nodes_cpu_rss",
+            "redis",
+            "server_log_tail",
+            "server_internal",
+        ):
             continue
         if isinstance(value, dict):
             value = ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
@@ -168,6 +174,7 @@ def text_summary(report: dict[str, Any]) -> str:
             lines.append(
                 f"  latency {LATENCY_NAMES.get(name, name):<26} n={s['count']:,}  ms: {pct}"
             )
+    lines += _internal_lines(res.get("server_internal", {}))
     for node, tail in res.get("server_log_tail", {}).items():
         lines.append(f"  server {node} log (end):")
         lines += [f"    {line}" for line in tail.splitlines()[-20:]]
@@ -178,6 +185,30 @@ def text_summary(report: dict[str, Any]) -> str:
             f" p50 {step['p50_ms']} p99 {step['p99_ms']} ms, lost {step['lost']}"
         )
     return "\n".join(lines) + "\n"
+
+
+def _internal_lines(internal: dict[str, Any], indent: str = "  ") -> list[str]:
+    """The server's own histograms over the run (``server_internal``), one line each."""
+    lines: list[str] = []
+    for name, row in internal.items():
+        if "count" not in row:  # one block per node
+            lines.append(f"{indent}{name}:")
+            lines += _internal_lines(row, indent + "  ")
+            continue
+        short = name.removeprefix("kefu_").removesuffix("_seconds")
+        if name.endswith("_seconds"):
+            pct = ", ".join(
+                f"{q} <= {row[q + '_le'] * 1000:g} ms"
+                for q in ("p50", "p99", "p99.9")
+                if row.get(q + "_le") is not None
+            )
+            lines.append(
+                f"{indent}server {short}: n={row['count']:,}, mean {row['mean'] * 1000:.3f} ms,"
+                f" {pct}; over 1 ms {row['over_1ms']:,}, over 5 ms {row['over_5ms']:,}"
+            )
+        else:
+            lines.append(f"{indent}server {short}: n={row['count']:,}, mean {row['mean']:.1f}")
+    return lines
 
 
 def _mib(b: Any) -> str:

@@ -71,8 +71,10 @@ from loadtest.server import (
     SpawnedRedis,
     SpawnedServer,
     agents_needed,
+    histogram_delta,
     kb_questions,
     redis_info,
+    scrape_histograms,
 )
 
 SCENARIOS = ("idle", "chat", "ramp", "bot", "storm", "relay")
@@ -241,6 +243,7 @@ class Setup:
             urls = [(s.http_url, s.ws_url) for s in self.servers]
             pids = [s.pid for s in self.servers]
         self.http_url, self.ws_url = urls[0]
+        self.node_http_urls = [u[0] for u in urls]
         self.samplers = [ProcessSampler(pid, self.t0_ns) for pid in pids]
         procs = procs_needed(n + m, args.procs)
         sources = source_addresses(self.ws_url, procs)
@@ -471,6 +474,20 @@ class Setup:
         out["redis"] = redis
         return out
 
+    def scrape(self) -> list[dict[str, dict[str, Any]]]:
+        """Each node's message and batch-write histograms now (nothing for a relay)."""
+        if self.relay:
+            return []
+        return [scrape_histograms(url) for url in self.node_http_urls]
+
+    def internal_delta(self, before: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+        """What the nodes' histograms counted since ``before``: one row per node and histogram."""
+        if not before:
+            return {}
+        after = self.scrape()
+        rows = [histogram_delta(b, a) for b, a in zip(before, after, strict=False)]
+        return rows[0] if len(rows) == 1 else {f"node {i}": r for i, r in enumerate(rows)}
+
     def node_samples(self) -> dict[str, Any]:
         """The CPU/RSS samples for the report's picture: one series per node (and Redis)."""
         if len(self.samplers) == 1:
@@ -591,12 +608,16 @@ def run_chat(
     setup = Setup(args, relay=relay)
     try:
         setup.connect()
+        before = setup.scrape()
         t_go = setup.traffic(args.rate, args.duration)
         setup.info["drain_s"] = round(setup.drain(), 3)
+        internal = setup.internal_delta(before)
         m, h = setup.collect()
     finally:
         setup.close()
     res = _chat_result(setup, m, h, t_go, args.rate)
+    if internal:
+        res["server_internal"] = internal
     v2a = h["v2a"].summary() if not setup.bot else h["bot"].summary()
     what = "bot answers" if setup.bot else "visitor->agent"
     where = f" on {setup.nodes} nodes ({args.placement})" if setup.nodes > 1 else ""

@@ -280,6 +280,68 @@ def redis_info(port: int, section: str, timeout: float = 5.0) -> dict[str, str]:
     return out
 
 
+#: The server's own histograms a chat run reports (``/metrics``): where a message's time goes.
+INTERNAL_HISTOGRAMS = (
+    "kefu_message_received_to_persisted_seconds",
+    "kefu_message_received_to_delivered_seconds",
+    "kefu_store_batch_write_seconds",
+    "kefu_store_batch_messages",
+)
+_BUCKET_LINE = re.compile(r'^(\w+)_bucket\{(?:[^}]*,)?le="([^"]+)"[^}]*\} (\S+)$')
+_SUM_LINE = re.compile(r"^(\w+)_(sum|count)(?:\{[^}]*\})? (\S+)$")
+
+
+def scrape_histograms(
+    http_url: str, names: tuple[str, ...] = INTERNAL_HISTOGRAMS, timeout: float = 10.0
+) -> dict[str, dict[str, Any]]:
+    """The named histograms of a kefu's ``/metrics`` as ``{name: {"buckets": [(le, cumulative
+    count)], "sum": s, "count": n}}``; empty when the server does not answer (a relay)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{http_url}/metrics", timeout=timeout) as resp:
+            text = resp.read().decode("utf-8", "replace")
+    except OSError:
+        return {}
+    wanted = set(names)
+    out: dict[str, dict[str, Any]] = {}
+    for line in text.splitlines():
+        m = _BUCKET_LINE.match(line)
+        if m and m.group(1) in wanted:
+            row = out.setdefault(m.group(1), {"buckets": [], "sum": 0.0, "count": 0})
+            row["buckets"].append((float(m.group(2)), float(m.group(3))))
+            continue
+        m = _SUM_LINE.match(line)
+        if m and m.group(1) in wanted:
+            row = out.setdefault(m.group(1), {"buckets": [], "sum": 0.0, "count": 0})
+            row[m.group(2)] = float(m.group(3))
+    return out
+
+
+def histogram_delta(
+    before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """What each histogram counted between two scrapes: count, mean, the bucket bound under
+    which 50/99/99.9 % fell, and the share above 1 and 5 ms (seconds histograms)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, a in after.items():
+        b = before.get(name, {"buckets": [], "sum": 0.0, "count": 0})
+        was = dict(b["buckets"])
+        buckets = [(le, c - was.get(le, 0.0)) for le, c in a["buckets"]]
+        count = a["count"] - b["count"]
+        if count <= 0:
+            continue
+        row: dict[str, Any] = {"count": int(count), "mean": (a["sum"] - b["sum"]) / count}
+        for q in (0.5, 0.99, 0.999):
+            row[f"p{q * 100:g}_le"] = next((le for le, c in buckets if c >= q * count), None)
+        if name.endswith("_seconds"):
+            for ms in (1, 5):
+                under = max((c for le, c in buckets if le <= ms / 1000), default=0.0)
+                row[f"over_{ms}ms"] = int(count - under)
+        out[name] = row
+    return out
+
+
 def _clock_ticks() -> int:
     return int(os.sysconf("SC_CLK_TCK"))
 

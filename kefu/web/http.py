@@ -121,7 +121,7 @@ from aiohttp.typedefs import Handler
 from kefu.config import Config
 from kefu.errors import KefuError
 from kefu.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from kefu.node import Node
+from kefu.node import Node, SendResult
 from kefu.protocol import (
     DEFAULT_SYNC_LIMIT,
     MAX_SEQ,
@@ -136,6 +136,7 @@ from kefu.protocol import (
     CreateChatResponse,
     ErrorBody,
     ErrorDetail,
+    HistoryResponse,
     SendRequest,
     SendResponse,
     decode_body,
@@ -144,7 +145,7 @@ from kefu.protocol import (
 )
 from kefu.web.openapi import openapi_json
 from kefu.web.pages import StaticFiles, add_pages
-from kefu.web.ratelimit import RateLimited, TokenBucket, retry_after_s, take_all
+from kefu.web.ratelimit import Limits, RateLimited, TokenBucket, retry_after_s, take_all
 
 __all__ = [
     "CANCEL_TIMEOUT_S",
@@ -154,6 +155,13 @@ __all__ = [
     "SHUTDOWN_TIMEOUT_S",
     "STATUS_OF_CODE",
     "HttpServer",
+    "bearer_token",
+    "charge",
+    "charge_create",
+    "charge_send",
+    "read_history",
+    "send_checked",
+    "session_caller",
     "status_of",
 ]
 
@@ -324,13 +332,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 def _bearer(request: web.Request) -> str:
     """The bearer token of the request; 401 ``unauthorized`` when there is none."""
-    header = request.headers.get("Authorization", "")
-    if header[: len(_BEARER)].lower() != _BEARER:
-        raise _Refusal("unauthorized", "missing `Authorization: Bearer <token>`")
-    token = header[len(_BEARER) :].strip()
-    if not token:
-        raise _Refusal("unauthorized", "empty bearer token")
-    return token
+    return bearer_token(request.headers.get("Authorization", ""))
 
 
 def _check_content_type(request: web.Request) -> None:
@@ -372,6 +374,114 @@ def _query_int(request: web.Request, name: str, default: int, low: int, high: in
             "invalid", f"query parameter `{name}` must be an integer between {low} and {high}"
         )
     return int(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks of the chat operations, shared with the gRPC front (kefu.grpc): the one copy of
+# "Authentication and authorisation" and "Rate limits" (module doc) for the request/answer
+# fronts.
+
+
+def bearer_token(header: str) -> str:
+    """The token of an ``Authorization`` value ``Bearer <token>`` (scheme case-insensitive);
+    401 ``unauthorized`` when there is none, another scheme or an empty token."""
+    if header[: len(_BEARER)].lower() != _BEARER:
+        raise _Refusal("unauthorized", "missing `Authorization: Bearer <token>`")
+    token = header[len(_BEARER) :].strip()
+    if not token:
+        raise _Refusal("unauthorized", "empty bearer token")
+    return token
+
+
+def session_caller(node: Node, token: str, session_id: str) -> str | None:
+    """The visitor id acting on ``session_id`` (None: the API key, acting as the session's
+    visitor); 403 ``forbidden`` for any other token."""
+    if node.is_api_key(token):
+        return None
+    found = node.visitor_of_token(token)
+    if found is None or found[1] != session_id:
+        raise _Refusal("forbidden", "this token may not act on this session")
+    return found[0]
+
+
+def charge(limits: Limits, now: float, *limited: tuple[str, TokenBucket | None]) -> None:
+    """One token of each ``(limit name, bucket)``, or none and 429 ``rate_limited`` with
+    ``Retry-After``; the first empty bucket's limit is counted as the refusing one."""
+    wait = take_all([bucket for _, bucket in limited], now)
+    if wait > 0.0:
+        name = next(n for n, b in limited if b is not None and b.tokens < 1.0)
+        limits.refused[name] += 1
+        raise RateLimited(
+            f"too many requests, retry in {retry_after_s(wait)} s", retry_after_s(wait)
+        )
+
+
+def charge_create(node: Node, api_key: bool, client_ip: str, now: float) -> None:
+    """``create``'s limit, before its body is read: the address's bucket; a server-to-server
+    caller (the API key) creates chats for many users from one address and is not limited."""
+    if not api_key:
+        limits = node.limits
+        charge(limits, now, ("create_ip", limits.create_bucket(client_ip, now)))
+
+
+def charge_send(node: Node, token: str, client_ip: str, now: float) -> bool:
+    """``send``'s limits that come before its body is read: the address's bucket and the
+    visitor's of a valid visitor token (none for the API key). True: ``token`` is the API
+    key."""
+    if node.is_api_key(token):
+        return True
+    limits = node.limits
+    found = node.visitor_of_token(token)
+    charge(
+        limits,
+        now,
+        ("rest_ip", limits.ip_bucket(client_ip, now)),
+        ("rest_visitor", None if found is None else limits.visitor_bucket(found[0], now)),
+    )
+    return False
+
+
+async def send_checked(
+    node: Node, token: str, api_key: bool, req: SendRequest, now: float
+) -> SendResult:
+    """``send`` once its body is read: authorisation against the session, the API key's
+    charge to that session's visitor, then :meth:`Node.send_message`."""
+    visitor = session_caller(node, token, req.session_id)
+    if api_key:
+        # The API key acts as the session's visitor: that visitor's bucket.
+        of_session = node.visitor_of_session(req.session_id)
+        if of_session is not None:
+            limits = node.limits
+            charge(limits, now, ("rest_visitor", limits.visitor_bucket(of_session, now)))
+    return await node.send_message(
+        req.session_id, req.text, req.client_msg_id, role="visitor", principal=visitor
+    )
+
+
+async def read_history(
+    node: Node, token: str, session_id: str, after: int, limit: int
+) -> HistoryResponse:
+    """A page of ``session_id``'s history for ``token``: the administrator reads every
+    conversation, an agent one it may see, a visitor its own session, the API key any (as the
+    session's visitor). A ``session_id`` that is not a conversation id is 404 ``not_found``."""
+    if node.is_admin(token):
+        # The administrator may read every conversation (PROTOCOL.md's roles).
+        if not is_conv_id(session_id):
+            raise _Refusal("not_found", "no such session")
+        return await node.history_anywhere(
+            session_id, after, limit, role="admin", principal="admin"
+        )
+    agent = node.agent_of_token(token)
+    if agent is not None:
+        # An agent reads a conversation it may see (its own, closed ones included, or a
+        # queued one): the workbench pages the history it was not sent with `assigned`.
+        if not is_conv_id(session_id):
+            raise _Refusal("not_found", "no such session")
+        return await node.history_anywhere(session_id, after, limit, role="agent", principal=agent)
+    visitor = session_caller(node, token, session_id)
+    if not is_conv_id(session_id):  # only the API key gets here with such an id
+        raise _Refusal("not_found", "no such session")
+    return await node.history_anywhere(session_id, after, limit, role="visitor", principal=visitor)
 
 
 class HttpServer:
@@ -506,31 +616,13 @@ class HttpServer:
             raise _Refusal("forbidden", "this token is not the admin token")
 
     def _session_caller(self, token: str, session_id: str) -> str | None:
-        """The visitor id acting on ``session_id`` (None: the API key, acting as the session's
-        visitor); 403 for any other token."""
-        if self.node.is_api_key(token):
-            return None
-        found = self.node.visitor_of_token(token)
-        if found is None or found[1] != session_id:
-            raise _Refusal("forbidden", "this token may not act on this session")
-        return found[0]
+        return session_caller(self.node, token, session_id)
 
     # -- rate limits (kefu.web.ratelimit) --------------------------------------------------
 
     def _client_ip(self, request: web.Request) -> str:
         forwarded = request.headers.get("X-Forwarded-For")
         return self.node.limits.client_ip(request.remote or "", forwarded)
-
-    def _charge(self, now: float, *limited: tuple[str, TokenBucket | None]) -> None:
-        """One token of each ``(limit name, bucket)``, or none and 429 ``rate_limited`` with
-        ``Retry-After``; the first empty bucket's limit is counted as the refusing one."""
-        wait = take_all([bucket for _, bucket in limited], now)
-        if wait > 0.0:
-            name = next(n for n, b in limited if b is not None and b.tokens < 1.0)
-            self.node.limits.refused[name] += 1
-            raise RateLimited(
-                f"too many requests, retry in {retry_after_s(wait)} s", retry_after_s(wait)
-            )
 
     def _is_api_key_call(self, request: web.Request) -> bool:
         header = request.headers.get("Authorization", "")
@@ -541,12 +633,9 @@ class HttpServer:
     # -- chat -------------------------------------------------------------------------------
 
     async def create_chat(self, request: web.Request) -> web.Response:
-        # Limited per address before anything is read; a server-to-server caller (the API
-        # key) creates chats for many users from one address and is not.
-        if not self._is_api_key_call(request):
-            now = asyncio.get_running_loop().time()
-            bucket = self.node.limits.create_bucket(self._client_ip(request), now)
-            self._charge(now, ("create_ip", bucket))
+        # Limited per address before anything is read (charge_create).
+        now = asyncio.get_running_loop().time()
+        charge_create(self.node, self._is_api_key_call(request), self._client_ip(request), now)
         req = decode_body(await _read_body(request), CreateChatRequest)
         node = self.node
         node.check_identity(req.user_id, req.user_hash)
@@ -565,27 +654,11 @@ class HttpServer:
     async def send(self, request: web.Request) -> web.StreamResponse:
         token = _bearer(request)
         node = self.node
-        limits = node.limits
         now = asyncio.get_running_loop().time()
-        api_key = node.is_api_key(token)
-        if not api_key:
-            # The address, and the visitor of a valid token, before the body is read.
-            found = node.visitor_of_token(token)
-            self._charge(
-                now,
-                ("rest_ip", limits.ip_bucket(self._client_ip(request), now)),
-                ("rest_visitor", None if found is None else limits.visitor_bucket(found[0], now)),
-            )
+        # The address, and the visitor of a valid token, before the body is read.
+        api_key = charge_send(node, token, self._client_ip(request), now)
         req = decode_body(await _read_body(request), SendRequest)
-        visitor = self._session_caller(token, req.session_id)
-        if api_key:
-            # The API key acts as the session's visitor: that visitor's bucket.
-            of_session = node.visitor_of_session(req.session_id)
-            if of_session is not None:
-                self._charge(now, ("rest_visitor", limits.visitor_bucket(of_session, now)))
-        result = await self.node.send_message(
-            req.session_id, req.text, req.client_msg_id, role="visitor", principal=visitor
-        )
+        result = await send_checked(node, token, api_key, req, now)
         answer = SendResponse(seq=result.seq, status=result.status, replies=result.replies)
         if not req.stream:
             return _json(answer)
@@ -611,32 +684,7 @@ class HttpServer:
         session_id = request.match_info["session_id"]
         after = _query_int(request, "after", 0, 0, MAX_SEQ)
         limit = _query_int(request, "limit", DEFAULT_SYNC_LIMIT, 1, MAX_SYNC_LIMIT)
-        if self.node.is_admin(token):
-            # The administrator may read every conversation (PROTOCOL.md's roles).
-            if not is_conv_id(session_id):
-                raise _Refusal("not_found", "no such session")
-            return _json(
-                await self.node.history_anywhere(
-                    session_id, after, limit, role="admin", principal="admin"
-                )
-            )
-        agent = self.node.agent_of_token(token)
-        if agent is not None:
-            # An agent reads a conversation it may see (its own, closed ones included, or a
-            # queued one): the workbench pages the history it was not sent with `assigned`.
-            if not is_conv_id(session_id):
-                raise _Refusal("not_found", "no such session")
-            page = await self.node.history_anywhere(
-                session_id, after, limit, role="agent", principal=agent
-            )
-            return _json(page)
-        visitor = self._session_caller(token, session_id)
-        if not is_conv_id(session_id):  # only the API key gets here with such an id
-            raise _Refusal("not_found", "no such session")
-        page = await self.node.history_anywhere(
-            session_id, after, limit, role="visitor", principal=visitor
-        )
-        return _json(page)
+        return _json(await read_history(self.node, token, session_id, after, limit))
 
     # -- the agent workbench ----------------------------------------------------------------
 
