@@ -166,6 +166,7 @@ bot turns waiting    :data:`BOT_PENDING_MAX` per      the message is stored, not
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -184,6 +185,7 @@ from kefu.bot.kb import KbError, KbWatcher, sample_kb_path
 from kefu.bot.llm import Endpoint, LlmClient, LlmOptions
 from kefu.bot.policy import BotPolicy, BotTurn, KnowledgeSource
 from kefu.bot.policy import Handoff as BotHandoff
+from kefu.cluster.directory import AgentDirectory
 from kefu.cluster.link import ClusterUnavailable
 from kefu.config import Config
 from kefu.conversations import Conversations, ConversationState, may_see, may_write
@@ -472,6 +474,13 @@ class Node:
         # the live connections opened with one (by conn.id) and the earliest of their ends.
         self._sessions: dict[str, _AgentSessions] = {}
         self._session_conns: dict[int, _SessionConn] = {}
+        # Cluster mode (kefu.cluster.directory): the directory revision of each admin-made
+        # agent held here, the agents changed here that the directory does not have yet
+        # (Redis was away), and one pull from the directory at a time.
+        self._agent_rev: dict[str, int] = {}
+        self._agent_unshared: set[str] = set()
+        self._agent_pull_lock = asyncio.Lock()
+        self.directory: AgentDirectory | None = None
         self._next_session_end = 0  # ms; 0: none
         self._tag_key = b""  # credential_tag_key of the token secret, set at start
         self._admin_hash: str | None = None
@@ -573,6 +582,8 @@ class Node:
                 )
                 self._set_agent_hash(sa.id, sa.token_hash)
                 self._set_agent_expiry(sa.id, sa.token_expires_ms)
+                if sa.rev:
+                    self._agent_rev[sa.id] = sa.rev
             await self._first_start()
             await self._restore()
             secret = store.get_meta(SECRET_META)
@@ -590,6 +601,7 @@ class Node:
                 )
                 self.member.bind(self)
                 await self.member.start(ws_url=cfg.ws.public_url, http_url=None)
+                self.directory = AgentDirectory(self.member.link)
                 await self.announce()
                 # Every node signs with the cluster's secret: a token one node gave out opens
                 # the conversation on any other.
@@ -684,6 +696,7 @@ class Node:
         node, as a rule), their state here, and the queued conversations owned here. At start,
         and again when Redis comes back (it may have lost its data)."""
         member = cast("Member", self.member)
+        await self.sync_agents()
         for known in self.pool:
             await self._upsert_in_cluster(known.id)
             if known.connections:
@@ -1113,6 +1126,7 @@ class Node:
                 return  # ended already
             raise Forbidden("this token is not an agent session token")
         agent_id = claims.sub
+        self._need_directory()
         if self._sessions_of(agent_id).revoked.revoke(claims.jti, claims.exp):
             self._close_sessions(agent_id, claims.jti)
         else:
@@ -1121,6 +1135,7 @@ class Node:
             self._end_sessions(agent_id)
             self._close_sessions(agent_id, None)
         await self.store.put_agent_sessions(self._stored_sessions(agent_id))
+        await self._share_logout(agent_id, claims.jti, claims.exp)
 
     def _genuine_session(self, token: str) -> bool:
         """Whether ``token`` is an unexpired session token this node issued (valid or not)."""
@@ -1732,8 +1747,17 @@ class Node:
             raise Forbidden("you may not see this conversation")
         return self.session_stats(session_id)
 
+    async def admin_stats_anywhere(self) -> AdminStats:
+        """``GET /v1/admin/stats``: :meth:`admin_stats` on a single node; in a cluster, the
+        figures summed over the nodes that answer, the cluster's queue and the list of nodes
+        (kefu.cluster.member ``cluster_stats``)."""
+        member = self.member
+        if member is None:
+            return self.admin_stats()
+        return await member.cluster_stats(self.admin_stats())
+
     def admin_stats(self) -> AdminStats:
-        """``GET /v1/admin/stats``: the live figures of the admin page."""
+        """This node's live figures for the admin page."""
         hub = self.hub.stats()
         counts = self.conversations.counts()
         cache_hits = cache_misses = 0
@@ -1779,9 +1803,11 @@ class Node:
             groups=sorted(a.groups),
             disabled=a.disabled,
             token_expires_ms=self._agent_exp.get(a.id),
+            rev=self._agent_rev.get(a.id, 0),
         )
 
     async def create_agent(self, req: AgentCreate) -> AgentCreated:
+        self._need_directory()
         if req.id in self.pool:
             raise Conflict(f"agent {req.id!r} already exists")
         token = req.token if req.token is not None else new_secret()
@@ -1807,6 +1833,7 @@ class Node:
             self._sessions.pop(req.id, None)
             self.pool.remove(req.id)
             raise
+        await self._share_agent(req.id)
         await self._upsert_in_cluster(req.id)
         view = self._agent_view(req.id)
         self._presence_changed(req.id)
@@ -1830,7 +1857,174 @@ class Node:
             )
         )
 
+    # -- cluster mode: the agents an administrator makes, on every node ----------------------
+
+    def _need_directory(self) -> None:
+        """Cluster mode: an agent is changed only while the cluster's directory can take the
+        change (``cluster_unavailable`` otherwise), so that no node keeps a change the others
+        never learn of."""
+        if self.member is not None and not self.member.link.up:
+            raise ClusterUnavailable("redis is unreachable: agents cannot be changed now")
+
+    async def _share_agent(self, agent_id: str, not_before: int | None = None) -> None:
+        """Cluster mode: the agent as this node now holds it (gone: deleted) into the
+        directory, then tell the other nodes. If Redis went away meanwhile the change is
+        shared when it is back (:meth:`sync_agents`) and the call answers
+        ``cluster_unavailable``."""
+        directory = self.directory
+        if directory is None or agent_id in self._config_agents:
+            return
+        record = self._stored_agent(agent_id) if agent_id in self.pool else None
+        if not_before is None:
+            not_before = self._sessions_of(agent_id).not_before
+        try:
+            rev = await directory.put(agent_id, record, not_before)
+        except ClusterUnavailable:
+            self._agent_unshared.add(agent_id)
+            raise
+        self._agent_unshared.discard(agent_id)
+        if record is not None and agent_id in self.pool:
+            self._agent_rev[agent_id] = rev
+            await self.store.put_agent(msgspec.structs.replace(record, rev=rev))
+        await self._tell_agent(agent_id)
+
+    async def _share_logout(self, agent_id: str, jti: str, exp: int) -> None:
+        """Cluster mode: a revoked session token into the directory, then tell the others."""
+        directory = self.directory
+        if directory is None:
+            return
+        if not await directory.revoke(agent_id, jti, exp, math.floor(time.time())):
+            log.warning("agent %s: too many sessions revoked in the cluster, ending all", agent_id)
+            self._end_sessions(agent_id)
+            self._close_sessions(agent_id, None)
+            await self.store.put_agent_sessions(self._stored_sessions(agent_id))
+            await directory.end_sessions(agent_id, self._sessions_of(agent_id).not_before)
+        await self._tell_agent(agent_id)
+
+    async def _tell_agent(self, agent_id: str) -> None:
+        """Tell every node now alive that ``agent_id`` changed. A node that joins after the
+        read below subscribes before it reads the directory, so it misses nothing."""
+        member = cast("Member", self.member)
+        for other in await member.link.nodes_now():
+            if other != member.node_id:
+                with contextlib.suppress(ClusterUnavailable):  # it syncs when it is back
+                    member.bus.emit(other, "agent", agent_id)
+
+    async def sync_agents(self) -> None:
+        """Cluster mode: bring every agent in line with the directory (at start, and when
+        Redis is back): what others changed is applied here, what this node changed while
+        Redis was away (or what Redis lost with its data) is written back."""
+        directory = cast(AgentDirectory, self.directory)
+        remote = await directory.all()
+        ids = set(remote).union(a.id for a in self.pool)
+        for agent_id in sorted(ids):
+            await self.pull_agent(agent_id)
+
+    async def pull_agent(self, agent_id: str) -> None:
+        """Cluster mode: apply the directory's record and session ends of ``agent_id`` (an
+        event from the node that changed it, or :meth:`sync_agents`)."""
+        directory = self.directory
+        if directory is None:
+            return
+        async with self._agent_pull_lock:  # one at a time: each compares revisions, then waits
+            if agent_id in self._agent_unshared and agent_id not in self._config_agents:
+                await self._share_agent(agent_id)
+            entry, sessions = await directory.get(agent_id)
+            if agent_id not in self._config_agents:
+                if entry is None:
+                    if agent_id in self.pool:  # Redis lost its data: write back what is here
+                        await directory.restore(
+                            self._stored_agent(agent_id),
+                            self._agent_rev.get(agent_id, 0),
+                            self._sessions_of(agent_id).not_before,
+                        )
+                elif entry.rev > self._agent_rev.get(agent_id, 0):
+                    await self._apply_agent(agent_id, entry.rev, entry.agent)
+            if agent_id in self.pool:
+                await self._merge_sessions(agent_id, sessions.not_before, sessions.revoked)
+
+    async def _apply_agent(self, agent_id: str, rev: int, record: StoredAgent | None) -> None:
+        """Another node's change of an admin-made agent, here: the pool, the token, and the
+        agent's connections (closed with 1008 when its token changed or it was disabled or
+        removed, as on the node that made the change)."""
+        if record is None or record.token_hash is None:
+            if agent_id in self.pool:
+                effects = self.routing.remove_agent(agent_id)
+                self._drop_agent_hash(agent_id)
+                self._close_agent(agent_id, "agent removed")
+                self._presence_dirty.discard(agent_id)
+                await asyncio.gather(self.store.delete_agent(agent_id), *self._run_effects(effects))
+            self._sessions.pop(agent_id, None)
+            self._agent_rev.pop(agent_id, None)
+            return
+        holder = self._agent_by_hash.get(record.token_hash)
+        if holder is not None and holder != agent_id:
+            log.warning("cluster: agent %s has agent %s's token here; skipped", agent_id, holder)
+            return
+        futures: list[asyncio.Future[None]] = []
+        if agent_id not in self.pool:
+            self.pool.add(
+                agent_id,
+                record.name,
+                weight=record.weight,
+                max_chats=record.max_chats,
+                groups=record.groups,
+                disabled=record.disabled,
+            )
+        else:
+            was_disabled = self.pool.get(agent_id).disabled
+            futures += self._run_effects(
+                self.routing.update_agent(
+                    agent_id,
+                    name=record.name,
+                    weight=record.weight,
+                    max_chats=record.max_chats,
+                    groups=record.groups,
+                    disabled=record.disabled,
+                )
+            )
+            if self._agent_hash.get(agent_id) != record.token_hash:
+                self._close_agent(agent_id, "token revoked")
+            elif record.disabled and not was_disabled:
+                self._close_agent(agent_id, "agent disabled")
+        self._set_agent_hash(agent_id, record.token_hash)
+        self._set_agent_expiry(agent_id, record.token_expires_ms)
+        self._agent_rev[agent_id] = rev
+        futures.append(self.store.put_agent(msgspec.structs.replace(record, rev=rev)))
+        await asyncio.gather(*futures)
+
+    def _close_agent(self, agent_id: str, reason: str) -> None:
+        for c in self.hub.connections(("agent", agent_id)):
+            self._session_conns.pop(c.id, None)
+            c.close(1008, reason)
+
+    async def _merge_sessions(
+        self, agent_id: str, not_before: int, revoked: list[tuple[str, int]]
+    ) -> None:
+        """The cluster's session ends of ``agent_id`` joined with this node's: the later
+        ``not_before``, every revoked token; the connections they end are closed (1008)."""
+        ended = self._sessions_of(agent_id)
+        changed = False
+        if not_before > ended.not_before:
+            ended.not_before = not_before
+            ended.revoked = Revocations(AGENT_REVOKED_MAX)
+            self._close_sessions(agent_id, None)
+            changed = True
+        for jti, exp in revoked:
+            if ended.revoked.is_revoked(jti):
+                continue
+            changed = True
+            if ended.revoked.revoke(jti, exp):
+                self._close_sessions(agent_id, jti)
+            else:
+                self._end_sessions(agent_id)
+                self._close_sessions(agent_id, None)
+                break
+        if changed:
+            await self.store.put_agent_sessions(self._stored_sessions(agent_id))
+
     def _check_mutable(self, agent_id: str) -> None:
+        self._need_directory()
         self.pool.get(agent_id)  # UnknownAgent
         if agent_id in self._config_agents:
             raise Conflict(f"agent {agent_id!r} is declared in the config file: change it there")
@@ -1855,6 +2049,7 @@ class Node:
                 self._session_conns.pop(c.id, None)
                 c.close(1008, "agent disabled")
         await asyncio.gather(fut, *futures)
+        await self._share_agent(agent_id)
         await self._upsert_in_cluster(agent_id)
         return self._agent_view(agent_id)
 
@@ -1887,6 +2082,7 @@ class Node:
         for c in self.hub.connections(("agent", agent_id)):
             self._session_conns.pop(c.id, None)
             c.close(1008, "token revoked")
+        await self._share_agent(agent_id)
         return AgentToken(id=agent_id, token=token, token_expires_ts=expires)
 
     async def delete_agent(self, agent_id: str) -> None:
@@ -1896,6 +2092,7 @@ class Node:
         # The sessions record stays (module doc): a new agent of this id gets none back.
         self._end_sessions(agent_id)
         ended = self.store.put_agent_sessions(self._stored_sessions(agent_id))
+        not_before = self._sessions_of(agent_id).not_before
         self._sessions.pop(agent_id, None)
         fut = self.store.delete_agent(agent_id)
         futures = [ended, *self._run_effects(effects)]
@@ -1904,6 +2101,8 @@ class Node:
             c.close(1008, "agent removed")
         self._presence_dirty.discard(agent_id)
         await asyncio.gather(fut, *futures)
+        self._agent_rev.pop(agent_id, None)
+        await self._share_agent(agent_id, not_before)
         if self.member is not None:
             self._run_effects(await self.member.routed(self.member.routing.remove_agent(agent_id)))
 

@@ -871,8 +871,35 @@ class KbFigures(_Body, kw_only=True):
     error: str | None = None
 
 
+class NodeFigures(_Body, kw_only=True):
+    """One node of a cluster in ``GET /v1/admin/stats``: its own figures when it answered
+    (``up``), else why not (``error``)."""
+
+    id: str
+    up: bool
+    connections: dict[str, int] | None = None
+    conversations: dict[str, int] | None = None
+    messages_total: int | None = None
+    uptime_s: float | None = None
+    error: str | None = None
+
+
+class ClusterFigures(_Body, kw_only=True):
+    """The nodes behind a cluster's ``GET /v1/admin/stats``: ``node`` is the one that
+    answered, ``nodes`` the nodes the cluster knows (live ones first, at most
+    ``kefu.cluster.member.MAX_STATS_NODES``). ``error`` says why the figures are only this
+    node's view (Redis unreachable)."""
+
+    node: str
+    nodes: list[NodeFigures]
+    error: str | None = None
+
+
 class AdminStats(_Body, kw_only=True):
-    """``GET /v1/admin/stats``: live figures of this node for the admin page."""
+    """``GET /v1/admin/stats``: live figures for the admin page. A single node gives its own;
+    in a cluster, ``connections``, ``conversations`` and ``messages_total`` are summed over
+    the nodes that answered, ``queue_length`` is the cluster's queue, ``cache``, ``kb`` and
+    ``uptime_s`` stay the answering node's, and ``cluster`` lists the nodes."""
 
     connections: dict[str, int]
     conversations: dict[str, int]
@@ -881,6 +908,7 @@ class AdminStats(_Body, kw_only=True):
     cache: CacheFigures
     kb: KbFigures
     uptime_s: float
+    cluster: ClusterFigures | None = None
 
 
 REST_BODIES: Final[tuple[type[Struct], ...]] = (

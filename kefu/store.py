@@ -244,6 +244,9 @@ class StoredAgent(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     # When the agent's token stops working (ms since the epoch); None: never. Last, so that
     # records written before it existed still decode (array_like: a missing tail is default).
     token_expires_ms: int | None = None
+    # Cluster mode: the revision of the record in the cluster's agent directory
+    # (kefu.cluster.directory); 0 for a node alone. Last, for the same reason.
+    rev: int = 0
 
 
 class StoredAgentSessions(msgspec.Struct, array_like=True, kw_only=True, gc=False):

@@ -375,6 +375,16 @@ class Link:
         raw = await self.call(read)
         return [msgspec.json.decode(v, type=NodeCard) for v in raw if v is not None]
 
+    async def nodes_now(self) -> list[str]:
+        """The nodes alive now, read from Redis (``live_nodes`` lags a node that has just
+        joined by up to one heartbeat: what must reach every node reads this)."""
+
+        async def read(r: Any) -> list[Any]:
+            stale_before = int(time.time() * 1000) - self.node_timeout_s * 1000
+            return list(await r.zrangebyscore(self.key("nodes"), stale_before, "+inf"))
+
+        return [m.decode() for m in await self.call(read)]
+
     def stats(self) -> dict[str, Any]:
         return {
             "node": self.node_id,

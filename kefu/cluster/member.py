@@ -27,13 +27,16 @@ from kefu.errors import KefuError
 from kefu.hub import Encoded, Principal, frame_tag
 from kefu.metrics import CollectedFamily, Kind
 from kefu.protocol import (
+    AdminStats,
     AgentConversation,
     AgentConversations,
     AgentPresence,
     AgentStatus,
     ClientFrame,
+    ClusterFigures,
     ConvState,
     Error,
+    NodeFigures,
     Presence,
     WaitingConversation,
     decode_client_frame,
@@ -46,7 +49,7 @@ if TYPE_CHECKING:
     from kefu.store import Store
     from kefu.web.ws import Connection
 
-__all__ = ["CONV_INDEX_SHIFT", "NODE_META", "Member", "owner_index"]
+__all__ = ["CONV_INDEX_SHIFT", "MAX_STATS_NODES", "NODE_META", "Member", "owner_index"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,9 @@ MAX_DRAIN_ROUNDS: Final = 100
 MAX_POSITION_READ: Final = 10_000
 #: Routing calls running in the background at once.
 MAX_BACKGROUND: Final = 10_000
+#: Nodes one ``GET /v1/admin/stats`` lists (this node, the live ones, then the others the
+#: cluster knows, the latest first); only the live ones are asked for their figures.
+MAX_STATS_NODES: Final = 64
 #: Conversation ids of a cluster node: ``index << CONV_INDEX_SHIFT | 47 random bits`` (63 bits
 #: in all, as a single node's ids).
 CONV_INDEX_SHIFT: Final = 47
@@ -152,9 +158,11 @@ class Member:
         bus.on_request("frame", self._serve_frame)
         bus.on_request("attach", self._serve_attach)
         bus.on_request("describe", self._serve_describe)
+        bus.on_request("stats", self._serve_stats)
         bus.on_event("f", self._on_frames)
         bus.on_event("detach", self._on_detach)
         bus.on_event("started", self._on_started)
+        bus.on_event("agent", self._on_agent)
 
     async def start(self, *, ws_url: str | None, http_url: str | None) -> None:
         """Join: keep the node's name, take its index, listen on its channel. Raises
@@ -358,6 +366,8 @@ class Member:
         task = asyncio.get_running_loop().create_task(guarded())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # A task cancelled before it ran (stop) never starts ``coro``: close it, quietly.
+        task.add_done_callback(lambda _t: coro.close())
 
     def apply_later(self, call: Awaitable[Outcome], what: str) -> None:
         """``routed(call)`` in the background, its local effects applied when it answers."""
@@ -789,6 +799,11 @@ class Member:
                 self.restart_closes_total += 1
                 conn.close(CLOSE_SERVICE_RESTART, reason)
 
+    def _on_agent(self, sender: str, agent_id: Any) -> None:
+        """Another node changed an agent (kefu.cluster.directory): read it from Redis."""
+        if isinstance(agent_id, str):
+            self.spawn(cast("Node", self.node).pull_agent(agent_id), "agent")
+
     def _on_started(self, sender: str, body: Any) -> None:
         self._close_followers(sender, "the conversation's node restarted")
         self._node_gone(sender)
@@ -817,6 +832,72 @@ class Member:
         """The listener was cut while Redis stayed up: envelopes may have been lost."""
         if not self._reconnecting and self.link.up:
             self._close_followers(None, "the node's listener was cut")
+
+    # -- the admin's figures, summed over the nodes ---------------------------------------------
+
+    async def cluster_stats(self, here: AdminStats) -> AdminStats:
+        """``GET /v1/admin/stats`` in a cluster: ``here`` (this node's figures) with the
+        connections, conversations and messages of every live node that answers within
+        ``request_timeout_s`` added, the cluster's queue length from Redis, and the list of
+        nodes. A node away or silent is listed ``up: false`` and counts for nothing; with
+        Redis unreachable the answer is this node's view (``cluster.error``), its queue length
+        the queued conversations of the nodes that answered."""
+        mine = _figures(self.node_id, here)
+        try:
+            live, others, queued = await self._stats_registry()
+        except ClusterUnavailable as exc:
+            away = [n for n in self.link.live_nodes if n != self.node_id]
+            nodes = [mine, *(_away(n, "redis is unreachable") for n in away)]
+            cluster = ClusterFigures(
+                node=self.node_id, nodes=nodes[:MAX_STATS_NODES], error=str(exc)
+            )
+            return _summed(here, cluster, None)
+        live = live[: MAX_STATS_NODES - 1]
+        others = others[: MAX_STATS_NODES - 1 - len(live)]
+        answers = await asyncio.gather(*(self._ask_stats(n) for n in live))
+        nodes = [mine, *answers, *(_away(n, "not alive (no recent heartbeat)") for n in others)]
+        return _summed(here, ClusterFigures(node=self.node_id, nodes=nodes), queued)
+
+    async def _stats_registry(self) -> tuple[list[str], list[str], int]:
+        """From Redis, in one round trip: the other live nodes (by name), the other nodes
+        the cluster knows (the latest registered first) and the length of the cluster's
+        queue. ``node_ids`` holds at most MAX_NODE_INDEX entries (kefu.cluster.link)."""
+        link = self.link
+        queue = f"{self.config.key_prefix}route:queue"
+
+        async def read(r: Any) -> list[Any]:
+            pipe = r.pipeline(transaction=False)
+            pipe.zrange(link.key("nodes"), 0, -1, withscores=True)
+            pipe.hgetall(link.key("node_ids"))
+            pipe.zcard(queue)
+            return list(await pipe.execute())
+
+        beats, ids, queued = await link.call(read)
+        fresh_after = _now_ms() - self.config.node_timeout_s * 1000
+        alive = {m.decode() for m, score in beats if score >= fresh_after}
+        alive.discard(self.node_id)
+        known = sorted(((int(i), n.decode()) for n, i in ids.items()), reverse=True)
+        others = [n for _, n in known if n not in alive and n != self.node_id]
+        return sorted(alive), others, int(queued)
+
+    async def _ask_stats(self, node: str) -> NodeFigures:
+        """``node``'s own figures, or why it gave none (within ``request_timeout_s``)."""
+        timeout = self.config.request_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                raw = await self.bus.request(node, "stats", None)
+            figures = msgspec.msgpack.decode(raw, type=NodeFigures)
+        except TimeoutError:
+            return _away(node, f"no answer within {timeout:g} s")
+        except KefuError as exc:
+            return _away(node, f"{exc.code}: {exc}")
+        except (msgspec.DecodeError, TypeError) as exc:
+            return _away(node, f"undecodable answer: {exc}")
+        return msgspec.structs.replace(figures, id=node, up=True, error=None)
+
+    async def _serve_stats(self, sender: str, body: Any) -> bytes:
+        """Another node's ``GET /v1/admin/stats`` asks for this node's figures."""
+        return encode_msgpack(_figures(self.node_id, cast("Node", self.node).admin_stats()))
 
     def health(self) -> str:
         return "ok" if self.link.up else "unavailable"
@@ -917,6 +998,41 @@ class _Collector:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _figures(node_id: str, stats: AdminStats) -> NodeFigures:
+    """A node's own share of the cluster's admin figures."""
+    return NodeFigures(
+        id=node_id,
+        up=True,
+        connections=stats.connections,
+        conversations=stats.conversations,
+        messages_total=stats.messages_total,
+        uptime_s=stats.uptime_s,
+    )
+
+
+def _away(node_id: str, error: str) -> NodeFigures:
+    return NodeFigures(id=node_id, up=False, error=error)
+
+
+def _summed(here: AdminStats, cluster: ClusterFigures, queued: int | None) -> AdminStats:
+    """``here`` with the counts of every node that answered added. Only the keys this node
+    reports are summed: a node of another version may report more, never fewer rows."""
+    up = [n for n in cluster.nodes if n.up]
+
+    def total(counts: list[dict[str, int] | None], keys: dict[str, int]) -> dict[str, int]:
+        return {k: sum((c or {}).get(k, 0) for c in counts) for k in keys}
+
+    conversations = total([n.conversations for n in up], here.conversations)
+    return msgspec.structs.replace(
+        here,
+        connections=total([n.connections for n in up], here.connections),
+        conversations=conversations,
+        messages_total=sum(n.messages_total or 0 for n in up),
+        queue_length=conversations.get("queued", 0) if queued is None else queued,
+        cluster=cluster,
+    )
 
 
 def _effect_row(effect: Effect) -> tuple[Any, ...]:

@@ -722,7 +722,7 @@ class HttpServer:
 
     async def admin_stats(self, request: web.Request) -> web.Response:
         self._admin(request)
-        return _json(self.node.admin_stats())
+        return _json(await self.node.admin_stats_anywhere())
 
     # -- public -----------------------------------------------------------------------------
 

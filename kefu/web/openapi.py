@@ -408,7 +408,12 @@ OPERATIONS: Final[tuple[_Op, ...]] = (
         summary="Live figures: connections, conversations, queue, messages, cache, KB version",
         tag="admin",
         security=_ADMIN,
-        ok={"200": ("The figures of this node now.", _json_content("AdminStats"))},
+        ok={
+            "200": (
+                "The figures now (in a cluster, summed over its nodes).",
+                _json_content("AdminStats"),
+            )
+        },
         errors=(*_CHAT_AUTH, *_ALWAYS),
     ),
     _Op(

@@ -315,7 +315,7 @@ def test_an_agent_made_by_an_admin_on_one_node_serves_the_cluster(
             assert (await recv(dave, "assigned"))["conv"] == conv
             visitor, _ = await hello(b, token)
             assigned = await recv(visitor, "assigned")
-            assert assigned["agent"]["id"] == "dave"  # b does not know the name: the id
+            assert assigned["agent"]["id"] == "dave"
             await send(dave, type="send", conv=conv, client_msg_id="d1", text="hello")
             assert (await recv(dave, "ack"))["seq"] == 1
             got = await recv(visitor, "msg")

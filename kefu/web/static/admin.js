@@ -25,6 +25,8 @@ const STRINGS = {
     saved: '已保存', bad_token: '令牌无效', network: '网络错误：{message}', updated: '更新于 {time}',
     online: '在线', away: '离开', offline: '离线', kb_broken: '知识库有错误：{error}',
     agent_name_of: '客服 {id}',
+    nodes_heading: '集群节点', node: '节点', node_state: '状态', node_messages: '消息总数',
+    node_up: '正常', node_down: '无应答：{error}', node_here: '（本节点）',
   },
   en: {
     admin_title: 'kefu admin', language: 'Language', logout: 'Log out', login_heading: 'Admin login',
@@ -44,6 +46,8 @@ const STRINGS = {
     saved: 'Saved', bad_token: 'Invalid token', network: 'Network error: {message}',
     updated: 'Updated {time}', online: 'online', away: 'away', offline: 'offline',
     kb_broken: 'The knowledge base has an error: {error}', agent_name_of: 'Agent {id}',
+    nodes_heading: 'Cluster nodes', node: 'Node', node_state: 'State', node_messages: 'Messages',
+    node_up: 'up', node_down: 'no answer: {error}', node_here: ' (this node)',
   },
 };
 
@@ -415,7 +419,31 @@ function renderStats(s, now) {
     setText('kb-entries', String(s.kb.entries));
     if (s.kb.error && !$('kb-error').textContent) setText('kb-error', tr('kb_broken', { error: s.kb.error }));
   }
+  renderNodes(s.cluster);
   setText('live-updated', tr('updated', { time: new Date(now).toLocaleTimeString() }));
+}
+
+/** A cluster's answer lists its nodes: one row each (hidden on a single node). */
+function renderNodes(cluster) {
+  const box = $('nodes-box');
+  box.hidden = !cluster;
+  if (!cluster) return;
+  const cell = (v) => h('td', {}, v == null ? '—' : String(v));
+  $('nodes-body').replaceChildren(
+    ...cluster.nodes.map((n) =>
+      h(
+        'tr',
+        { dataset: { node: n.id } },
+        h('td', {}, n.id + (n.id === cluster.node ? tr('node_here') : '')),
+        h('td', { class: n.up ? 'ok' : 'error' }, n.up ? tr('node_up') : tr('node_down', { error: n.error ?? '' })),
+        cell(n.connections?.visitor),
+        cell(n.connections?.agent),
+        cell(n.conversations?.open),
+        cell(n.messages_total),
+        cell(typeof n.uptime_s === 'number' ? formatUptime(n.uptime_s) : null),
+      ),
+    ),
+  );
 }
 
 let statsBusy = false; // one request at a time: a visibility change during one does not fork the loop
