@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from kefu.cluster import bus as bus_module
 from kefu.cluster.bus import Bus, RemoteError
 from kefu.cluster.link import ClusterUnavailable, Link
 from kefu.errors import KefuError
@@ -184,6 +185,46 @@ def test_what_one_node_sends_another_arrives_in_order(redis_server: RedisServer)
                 await asyncio.sleep(0.01)
             assert seen_by_b == list(range(1000))
             assert seen_by_a == list(range(150))
+        finally:
+            await close(a, b)
+
+    run(body)
+
+
+def test_envelopes_to_one_node_travel_bundled_and_in_order(redis_server: RedisServer) -> None:
+    """Events emitted in one go to b arrive in order, several per Pub/Sub message; a bundle
+    stops at BUNDLE_BYTES; a bundle inside a bundle (never made) is dropped."""
+
+    async def body() -> None:
+        a, b = await pair(redis_server.url)
+        try:
+            seen: list[int] = []
+            b.on_event("n", lambda sender, payload: seen.append(payload))
+            for i in range(500):
+                a.emit("b", "n", i)
+            big = "x" * (bus_module.BUNDLE_BYTES // 3)
+            b.on_event("big", lambda sender, payload: seen.append(len(payload)))
+            for _ in range(4):  # four of a third each: two bundles at least
+                a.emit("b", "big", big)
+            for _ in range(500):
+                if len(seen) == 504:
+                    break
+                await asyncio.sleep(0.01)
+            assert seen == [*range(500), *[len(big)] * 4]
+            stats = a.stats()
+            assert stats["bundled_total"] >= 500 - stats["published_total"]
+            assert stats["published_total"] < 100  # 504 envelopes, a few messages
+            assert stats["published_total"] >= 2 + 500 // bus_module.WRITE_BATCH
+
+            # A nested bundle is dropped; the envelopes around it are not.
+            inner = bus_module._ENCODE(bus_module.Envelope(bus_module.EVENT, "n", 0, "a", 7))
+            nested = bus_module._ENCODE(bus_module.Envelope(bus_module.BUNDLE, "", 0, "a", [inner]))
+            outer = bus_module.Envelope(bus_module.BUNDLE, "", 0, "a", [inner, nested, inner])
+            dropped = b.dropped_total
+            seen.clear()
+            b._received(bus_module._ENCODE(outer))
+            assert seen == [7, 7]
+            assert b.dropped_total == dropped + 1
         finally:
             await close(a, b)
 
