@@ -707,7 +707,8 @@ class Node:
         """Cluster mode: the conversations owned here that wait for or have a human agree with
         the cluster's routing. What the routing decided while this node was away (a dead
         agent's conversations given to another, a queue that moved) is applied here now; a
-        conversation the routing does not know (Redis lost its data) is routed again."""
+        conversation the routing does not know (Redis lost its data) is restored: to its
+        agent, or in line."""
         member = cast("Member", self.member)
         routing = member.routing
         waiting = [s for s in self.conversations if s.status in ("queued", "assigned")]
@@ -726,11 +727,15 @@ class Node:
                     if agent != state.agent_id:
                         self._run_effects([Assign(conv, agent, state.group)])
                     continue
-                log.warning("conversation %x: unknown to the cluster's routing; routed again", conv)
+                # Redis lost it (restarted without its data): back to its agent, or in line.
+                log.warning("conversation %x: unknown to the cluster's routing; restored", conv)
+                agent_id = state.agent_id if state.status == "assigned" else None
                 try:
-                    effects = await member.routed(routing.route(conv, _now_ms(), state.group))
-                except RoutingError as exc:
-                    log.warning("conversation %x: not routed again: %s", conv, exc)
+                    effects = await member.routed(
+                        routing.restore(conv, _now_ms(), agent_id=agent_id, group=state.group)
+                    )
+                except (RoutingError, ValueError) as exc:  # ValueError: routed meanwhile
+                    log.warning("conversation %x: not restored: %s", conv, exc)
                     continue
                 self._run_effects(effects)
 

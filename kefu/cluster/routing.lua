@@ -423,6 +423,34 @@ function C.route()
   finish({ hex })
 end
 
+-- restore hex now_ms group|"" agent|""
+-- kefu.routing.Routing.restore, for a conversation Redis lost (it restarted without its data):
+-- one whose agent still exists and is enabled goes back to it, over capacity if need be, with
+-- no effect (the node already shows it there) and the agent's grace begun if it is not
+-- connected; any other goes in line, past the queue's bound if need be (it was waiting).
+-- A group nobody belongs to any more is dropped.
+function C.restore()
+  local hex, now, group, id = ARGV[A], ARGV[A + 1], opt(ARGV[A + 2]), opt(ARGV[A + 3])
+  if call("EXISTS", k_conv(hex)) == 1 then
+    return refuse("already_routed", "conversation " .. hex .. " is already routed")
+  end
+  if group and call("EXISTS", k_group(group)) == 0 then group = nil end
+  local ticket = call("INCR", K_TICKET)
+  call("HSET", k_conv(hex), "t", ticket, "s", now)
+  if group then call("HSET", k_conv(hex), "g", group) end
+  if id and agent_exists(id) and call("HGET", k_agent(id), "d") == "0" then
+    call("HINCRBY", k_agent(id), "ld", 1)
+    sync(id)
+    call("HSET", k_conv(hex), "a", id)
+    call("ZADD", k_held(id), call("INCR", K_ASSIGN_SEQ), hex)
+    begin_grace(id, tonumber(now))
+    return
+  end
+  q_push(hex, ticket, group, nil)
+  drain()
+  finish({ hex })
+end
+
 -- release hex
 function C.release()
   local hex = ARGV[A]

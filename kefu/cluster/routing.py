@@ -384,6 +384,21 @@ class ClusterRouting:
             "route", key, _ms(now_ms), "" if group is None else _name("group", group)
         )
 
+    async def restore(
+        self, conv: int, now_ms: int, *, agent_id: str | None = None, group: str | None = None
+    ) -> Outcome:
+        """Take back a conversation the cluster's routing lost (Redis restarted without its
+        data), as :meth:`kefu.routing.Routing.restore` does after a node's restart: back to
+        ``agent_id`` if that agent exists and is enabled (no effect), else in line. Raises
+        ValueError if it is routed already."""
+        return await self._outcome(
+            "restore",
+            conv_key(conv),
+            _ms(now_ms),
+            "" if group is None else _name("group", group),
+            "" if agent_id is None else _name("agent_id", agent_id),
+        )
+
     async def release(self, conv: int) -> Outcome:
         """The conversation ended or left: free its agent's slot or its place in line."""
         return await self._outcome("release", conv_key(conv))

@@ -710,3 +710,40 @@ def test_redis_restart_reloads_the_script_and_down_is_cluster_unavailable(
         assert await r.assigned_to(1) is None  # the state went with Redis
 
     run_cluster(redis_server, body)
+
+
+def test_restore_gives_a_lost_conversation_back_to_its_agent_or_puts_it_in_line(
+    redis_server: RedisServer,
+) -> None:
+    """kefu.routing.Routing.restore's rules, for conversations Redis lost: back to an enabled
+    agent (over capacity, no effect, grace begun when not connected), else in line past the
+    queue's bound; an unknown group dropped; an already routed conversation refused."""
+
+    async def body(r: ClusterRouting) -> None:
+        await online(r, "a", max_chats=1)
+        await r.upsert_agent("off", max_chats=5)  # exists, never connected
+        await r.upsert_agent("gone", max_chats=5, disabled=True)
+        assert (await r.restore(1, 1_000, agent_id="a")).effects == []
+        assert (await r.restore(2, 1_000, agent_id="a")).effects == []  # over capacity
+        assert await r.assigned_to(1) == "a" and await r.assigned_to(2) == "a"
+        assert await r.load("a") == 2
+        assert (await r.restore(3, 1_000, agent_id="off")).effects == []
+        assert await r.assigned_to(3) == "off"
+        # "off" is not connected: its grace ran from the restore; past it, its chat is queued
+        # (nobody can take it: "a" is over capacity).
+        expired = await r.expire(1_000 + 60_001)
+        assert expired.effects == [Requeue(3, "off"), Queue(3, 1, None)]
+        # A disabled agent's conversation and an unknown group's go in line, the group
+        # dropped, even past the queue's bound (max_queue=1 here).
+        restored = await r.restore(4, 2_000, agent_id="gone", group="nobody")
+        assert restored.effects == [Queue(4, 2, None)]
+        assert await r.position(4) == 2
+        with pytest.raises(ValueError):
+            await r.restore(4, 2_000)
+        # A queued conversation is served once room is made, in its turn.
+        freed = await r.release(1)
+        assert agents_of(freed.effects) == []  # "a" is still at 1 of 1
+        freed = await r.release(2)
+        assert agents_of(freed.effects) == ["a"]
+
+    run_cluster(redis_server, body, max_queue=1, grace_ms=60_000)

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import redis.asyncio
 from websockets.asyncio.client import ClientConnection, connect
 
 from kefu.config import AgentConfig, BotConfig, ClusterConfig, Config, WsConfig
@@ -324,5 +325,46 @@ def test_an_agent_made_by_an_admin_on_one_node_serves_the_cluster(
             assert await b.member.routing.assigned_to(int(conv, 16)) is None  # requeued
             for ws in (dave, visitor):
                 await ws.close()
+
+    run(body)
+
+
+def test_a_redis_that_lost_its_data_gets_the_routing_back_from_the_nodes(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Redis restarts empty: when the nodes announce themselves again, each conversation is
+    back with the agent it had (no second ``assigned``), the queued one is in line again,
+    and routing goes on from there."""
+
+    async def body() -> None:
+        async with two_nodes(tmp_path, redis_server.url, two_agents_config) as (a, b):
+            alice = await online(b, "alice-token")  # max_chats 2
+            convs = []
+            for _ in range(3):
+                conv, _v, _t, status, _c = await a.create_chat(name="v")
+                convs.append((conv, status))
+            assert [s for _, s in convs] == ["assigned", "assigned", "queued"]
+            for conv, _ in convs[:2]:
+                assert (await recv(alice, "assigned"))["conv"] == conv
+
+            client = redis.asyncio.Redis.from_url(redis_server.url)
+            try:
+                await client.flushall()
+            finally:
+                await client.aclose()
+            # What a node does when its link comes back (kefu.cluster.member._reconnected).
+            await b.announce()
+            await a.announce()
+
+            routing = a.member.routing
+            ids = [int(conv, 16) for conv, _ in convs]
+            assert [await routing.assigned_to(c) for c in ids[:2]] == ["alice", "alice"]
+            assert await routing.load("alice") == 2
+            assert await routing.position(ids[2]) == 1
+            # No second "assigned" for the two she has; the third is hers once she has room.
+            await a.close_chat(convs[0][0], by="visitor")
+            got = await recv(alice, "assigned")
+            assert got["conv"] == convs[2][0]
+            await alice.close()
 
     run(body)
