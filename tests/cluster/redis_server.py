@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -26,22 +27,46 @@ def free_port() -> int:
 class RedisServer:
     """One ``redis-server`` process; ``url`` stays the same across stop/start."""
 
-    def __init__(self, workdir: Path, port: int | None = None, *, persistent: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        *,
+        persistent: bool = False,
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
         self.workdir = workdir
         #: Append-only file synced on every write: the data survives a SIGKILL and a restart.
         self.persistent = persistent
+        #: (certificate, key): the port speaks TLS only; clients check the certificate.
+        self.tls = tls
         self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        if tls is None:
+            self.url = f"redis://127.0.0.1:{self.port}/0"
+        else:
+            self.url = f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={tls[0]}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         if self.proc is not None:
             raise RuntimeError("redis-server is already running")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.tls is None:
+            listen = ["--port", str(self.port)]
+        else:
+            cert, key = self.tls
+            listen = [
+                "--port", "0",
+                "--tls-port", str(self.port),
+                "--tls-cert-file", str(cert),
+                "--tls-key-file", str(key),
+                "--tls-ca-cert-file", str(cert),
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
         self.proc = subprocess.Popen(
             [
                 REDIS_SERVER,
-                "--port", str(self.port),
+                *listen,
                 "--bind", "127.0.0.1",
                 "--save", "",
                 "--appendonly", "yes" if self.persistent else "no",
@@ -66,7 +91,11 @@ class RedisServer:
 
     def ping(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw:
+                s = raw
+                if self.tls is not None:
+                    context = ssl.create_default_context(cafile=str(self.tls[0]))
+                    s = context.wrap_socket(raw, server_hostname="127.0.0.1")
                 s.sendall(b"PING\r\n")
                 return s.recv(16).startswith(b"+PONG")
         except OSError:

@@ -19,6 +19,7 @@ from kefu.node import Node
 from kefu.protocol import AgentCreate
 from tests import aio
 from tests.cluster.redis_server import RedisServer
+from tests.test_serve import TEST_CERT, TEST_KEY
 
 AGENT_TOKEN = "agent-token"
 
@@ -368,3 +369,31 @@ def test_a_redis_that_lost_its_data_gets_the_routing_back_from_the_nodes(
             await alice.close()
 
     run(body)
+
+
+def test_nodes_reach_redis_over_tls(tmp_path: Path) -> None:
+    """``rediss://`` (with the CA in ``ssl_ca_certs``): two nodes chat across a Redis that
+    speaks TLS only."""
+    cert, key = tmp_path / "redis.crt", tmp_path / "redis.key"
+    cert.write_text(TEST_CERT)
+    key.write_text(TEST_KEY)
+    server = RedisServer(tmp_path / "redis", tls=(cert, key))
+    server.start()
+
+    async def body() -> None:
+        async with two_nodes(tmp_path, server.url, node_config) as (a, b):
+            assert a.health().checks.get("redis") == "ok"
+            agent = await online(a, AGENT_TOKEN)
+            conv, _v, token, status, _c = await a.create_chat(name="v")
+            assert status == "assigned"
+            assert (await recv(agent, "assigned"))["conv"] == conv
+            visitor, _ = await hello(b, token)
+            await send(visitor, type="send", conv=conv, client_msg_id="t1", text="over tls")
+            assert (await recv(agent, "msg"))["text"] == "over tls"
+            for ws in (agent, visitor):
+                await ws.close()
+
+    try:
+        run(body)
+    finally:
+        server.stop()
