@@ -6,8 +6,15 @@ import re
 
 import pytest
 
+import kefu.cluster.member
+import kefu.grpc.server
+import kefu.web.http
 from kefu import conversations, protocol, routing, store
 from kefu.errors import KefuError
+
+# Every module that defines refusals, imported here so that the leaves below do not depend on
+# which other tests ran first.
+_MODULES = (kefu.cluster.member, kefu.grpc.server, kefu.web.http)
 
 
 def _leaves() -> list[type[KefuError]]:

@@ -586,7 +586,10 @@ async def _write(context: Any, conn: Subscriber, event: Any) -> None:
 
 
 class _Refused(KefuError):
-    """A refusal made by this module; each instance names its own code."""
+    """A refusal made by this module; each instance names its own code (the class default
+    is only what a bare refusal would be)."""
+
+    code = "bad_request"
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
