@@ -37,28 +37,6 @@ ADMIN_TOKEN = "grpc-test-admin-token-0123456789"
 #: sends more, the others fewer.
 VISITOR_BURST = 30
 
-# A self-signed certificate for localhost and 127.0.0.1 (EC P-256, valid 2025-2125), the one
-# tests/test_serve.py uses.
-TEST_CERT = """\
------BEGIN CERTIFICATE-----
-MIIBWzCCAQGgAwIBAgIUKt44/f2R83o+57FAPdGC5LTD82AwCgYIKoZIzj0EAwIw
-FDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI1MDEwMTAwMDAwMFoYDzIxMjUwMTAx
-MDAwMDAwWjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjO
-PQMBBwNCAARL6Ec/A6YO5cZgLg9iDS6PcQTDmUH7dmVmFa4cV8WAai/8qAL+E/9C
-MXlTGRqfHvnk3WEUJUzdjjJcJzAIFAOsoy8wLTAaBgNVHREEEzARgglsb2NhbGhv
-c3SHBH8AAAEwDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNIADBFAiEAguJT
-u89btcR9ZV18S128wgVAjoJTlIzp0gpPT4PzPHUCIGz/ATw+b56kUzrWLvKeLNM+
-dAjQpiCLvVCOxv4Hgd22
------END CERTIFICATE-----
-"""
-TEST_KEY = """\
------BEGIN PRIVATE KEY-----
-MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgu5dyPiyInhlVkhMR
-eIfMHMEdGUZ8Uc7mojTvqheAsAehRANCAARL6Ec/A6YO5cZgLg9iDS6PcQTDmUH7
-dmVmFa4cV8WAai/8qAL+E/9CMXlTGRqfHvnk3WEUJUzdjjJcJzAIFAOs
------END PRIVATE KEY-----
-"""
-
 _LINE = re.compile(r"^kefu: (http|ws|grpc) listening on (\w+)://(\S+?):(\d+)(/\S*)?$")
 
 

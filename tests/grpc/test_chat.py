@@ -30,12 +30,11 @@ from tests.grpc.conftest import (
     API_KEY,
     CALL_TIMEOUT,
     REPO_ROOT,
-    TEST_CERT,
-    TEST_KEY,
     VISITOR_BURST,
     GrpcNode,
     node_config,
 )
+from tests.test_serve import TEST_CERT, TEST_KEY
 
 pytestmark = pytest.mark.slow
 
