@@ -704,15 +704,22 @@ class GroupCommitWriter:
             self._executor.shutdown(wait=True)
 
 
-def _message_ops(msg: StoredMessage) -> list[Op]:
-    """The message's key and, with a ``client_msg_id``, its dedup key."""
+def _message_ops(msg: StoredMessage, looked_up: tuple[int, str, bytes] | None = None) -> list[Op]:
+    """The message's key and, with a ``client_msg_id``, its dedup key (``looked_up``: the
+    last ``(conv, client_msg_id, key)`` :meth:`Store.get_dedup` built, reused when it is
+    this message's: the check and the append of one send build the key once)."""
     if msg.seq < 1:
         raise ValueError(f"seq starts at 1, got {msg.seq}")
     if msg.from_role not in MESSAGE_ROLES:
         raise ValueError(f"from_role must be one of {sorted(MESSAGE_ROLES)}")
     ops: list[Op] = [(message_key(msg.conv, msg.seq), _ENCODE(msg))]
-    if msg.client_msg_id is not None:
-        ops.append((dedup_key(msg.conv, msg.client_msg_id), _U64.pack(msg.seq)))
+    cmid = msg.client_msg_id
+    if cmid is not None:
+        if looked_up is not None and looked_up[0] == msg.conv and looked_up[1] == cmid:
+            key = looked_up[2]
+        else:
+            key = dedup_key(msg.conv, cmid)
+        ops.append((key, _U64.pack(msg.seq)))
     return ops
 
 
@@ -758,6 +765,8 @@ class Store:
 
     def __init__(self, db: Rdict, path: str, writer: GroupCommitWriter) -> None:
         self._db = db
+        # The last dedup key get_dedup built, for the append that follows it (_message_ops).
+        self._looked_up: tuple[int, str, bytes] | None = None
         self.path = path
         self.writer = writer
         self.durability: Durability = writer.durability
@@ -884,7 +893,9 @@ class Store:
         a retry can never slip in twice. The seq may not be durable yet: ack the duplicate
         after ``await store.barrier()``.
         """
-        raw = self._get(dedup_key(conv, client_msg_id))
+        key = dedup_key(conv, client_msg_id)
+        self._looked_up = (conv, client_msg_id, key)
+        raw = self._get(key)
         return None if raw is None else int(_U64.unpack(raw)[0])
 
     def get_read_mark(self, conv: int, reader: str) -> int:
@@ -1051,7 +1062,7 @@ class Store:
         All of it lands in one batch; the future resolves once that batch is durable.
         Raises StoreBusy, StoreUnavailable, or ValueError on a malformed message.
         """
-        ops = _message_ops(msg)
+        ops = _message_ops(msg, self._looked_up)
         if conv is not None:
             if conv.id != msg.conv:
                 raise ValueError(f"message of {msg.conv} with the record of {conv.id}")
@@ -1061,7 +1072,7 @@ class Store:
     def append_message_then(self, msg: StoredMessage, done: Done) -> None:
         """``append_message`` without a future: ``done(None)`` once durable, ``done(error)``
         if the write fails. Raises as ``append_message`` does, and then never calls ``done``."""
-        self.writer.submit_then(_message_ops(msg), done, messages=1)
+        self.writer.submit_then(_message_ops(msg, self._looked_up), done, messages=1)
 
     def put_conversation(self, conv: StoredConversation) -> asyncio.Future[None]:
         """Enqueue ``conv``'s record with its ``o`` and ``u`` index keys."""

@@ -432,6 +432,32 @@ def test_dedup_key_is_in_the_message_batch(db_path: str) -> None:
         assert s.get_dedup(21, "retry-me") is None
 
 
+def test_an_append_stores_its_own_dedup_key_whatever_was_looked_up_before(
+    store: Store,
+) -> None:
+    """The append after a ``get_dedup`` reuses the key that check built only when it is the
+    same conversation and client_msg_id; any other append builds its own."""
+
+    async def main() -> None:
+        assert store.get_dedup(30, "a") is None
+        await store.append_message(message(30, 1, "a"))  # the key looked up
+        assert store.get_dedup(30, "b") is None
+        await store.append_message(message(31, 1, "b"))  # same id, other conversation
+        assert store.get_dedup(32, "c") is None
+        await store.append_message(message(32, 1, "d"))  # other id
+        done: list[BaseException | None] = []
+        assert store.get_dedup(33, "e") is None
+        store.append_message_then(message(33, 1, "e"), done.append)
+        await store.barrier()
+        assert done == [None]
+
+    run(main())
+    assert store.get_dedup(30, "a") == 1
+    assert store.get_dedup(31, "b") == 1 and store.get_dedup(30, "b") is None
+    assert store.get_dedup(32, "d") == 1 and store.get_dedup(32, "c") is None
+    assert store.get_dedup(33, "e") == 1
+
+
 def test_client_msg_id_limits(store: Store) -> None:
     async def main() -> None:
         await store.append_message(message(22, 1, "x" * 64))

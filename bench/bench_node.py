@@ -1,0 +1,174 @@
+"""The node's per-message path, in process: CPU per WebSocket ``send`` from decoded frame to
+durable ack and delivery, with no sockets and no load generator on the same cores.
+
+    python -m bench.bench_node [--json] [--quick] [--profile FILE]
+
+A node (bot off, ``durability: process``, a fresh data directory) with C conversations, each
+assigned to one of C/100 agents; every visitor and agent is a connection object that records
+what the node sends it (the part of :class:`kefu.web.ws.Connection` the node uses). Each round
+offers one ``send`` per visitor through ``Node.on_send_nowait`` (the WebSocket's path when a
+connection has nothing else in hand), then runs the loop until every one is acked. The table
+gives the node's CPU per message (``time.process_time``: the group commit, the RocksDB write,
+the ack and the delivery included) and the messages per second of that CPU.
+
+The load tests (``python -m loadtest``) measure the same path with real sockets; this one
+leaves the kernel's and the clients' share out, so a change to the Python of the path shows
+in its numbers within a few percent. ``--profile FILE`` writes a cProfile of the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import itertools
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from bench._harness import Row
+from kefu.config import AgentConfig, BotConfig, Config, WsConfig
+from kefu.hub import frame_tag
+from kefu.node import Node
+from kefu.protocol import Hello, Send, encode_json
+
+_IDS = itertools.count(1)
+
+
+class _Conn:
+    """A connection as the node sees one: counts the frames it is sent."""
+
+    msgpack = False
+
+    def __init__(self, remote: str) -> None:
+        self.id = next(_IDS)
+        self.remote = remote
+        self.role: str | None = None
+        self.principal: str | None = None
+        self.received_ns = 0
+        self.closing = False
+        self.queued_bytes = 0
+        self.frames: dict[str, int] = {}
+        self.busy = False
+
+    def send(self, frame: Any) -> bool:
+        return self.send_encoded(encode_json(frame), frame_tag(frame))
+
+    def send_encoded(self, data: bytes, kind: str) -> bool:
+        self.frames[kind] = self.frames.get(kind, 0) + 1
+        return True
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        self.closing = True
+
+    def frame_done(self) -> None:
+        self.busy = False
+
+
+async def _measure(
+    conversations: int, rounds: int, profile: str | None
+) -> tuple[float, float, int]:
+    data = Path(tempfile.mkdtemp(prefix="kefu-bench-node-"))
+    agents = max(1, -(-conversations // 100))
+    config = Config(
+        data_dir=str(data),
+        ws=WsConfig(host="127.0.0.1", port=0),
+        agents=[
+            AgentConfig(id=f"a{i}", name=f"A{i}", token=f"agent-token-{i:04d}", max_chats=100)
+            for i in range(agents)
+        ],
+        bot=BotConfig(enabled=False),
+        durability="process",
+    )
+    node = Node(config)
+    await node.start()
+    try:
+        agent_conns: list[_Conn] = []
+        for i in range(agents):
+            conn = _Conn("127.0.0.1")
+            agent_conns.append(conn)
+            token = f"agent-token-{i:04d}"
+            await node.authenticate(conn, Hello(token=token))  # type: ignore[arg-type]
+            conn.role, conn.principal = "agent", f"a{i}"
+            await node.on_ready(conn, Hello(token=token))  # type: ignore[arg-type]
+            node.pool.set_status(f"a{i}", "online")
+        visitors: list[tuple[_Conn, str]] = []
+        for _ in range(conversations):
+            conv, visitor, token, _status, _created = await node.create_chat(name="v")
+            conn = _Conn("127.0.0.1")
+            await node.authenticate(conn, Hello(token=token))  # type: ignore[arg-type]
+            conn.role, conn.principal = "visitor", visitor
+            await node.on_ready(conn, Hello(token=token))  # type: ignore[arg-type]
+            visitors.append((conn, conv))
+        seq = itertools.count()
+        profiler = cProfile.Profile() if profile else None
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
+        for _ in range(rounds):
+            for conn, conv in visitors:
+                conn.busy = True
+                conn.received_ns = time.perf_counter_ns()
+                frame = Send(
+                    conv=conv, client_msg_id=f"m{next(seq)}", text="hello, is anyone there?"
+                )
+                if not node.on_send_nowait(conn, frame):  # type: ignore[arg-type]
+                    raise RuntimeError("the fast path refused a plain send")
+            while any(conn.busy for conn, _ in visitors):
+                await asyncio.sleep(0)
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile)
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        acks = sum(conn.frames.get("ack", 0) for conn, _ in visitors)
+        delivered = sum(conn.frames.get("msg", 0) for conn in agent_conns)
+        if acks != conversations * rounds or delivered != acks:
+            raise RuntimeError(
+                f"{acks} acks, {delivered} deliveries, {conversations * rounds} sends"
+            )
+        return cpu, wall, acks
+    finally:
+        await node.stop()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def run(quick: bool, profile: str | None = None) -> list[Row]:
+    conversations, rounds = (1_000, 5) if quick else (2_000, 20)
+    cpu, wall, messages = uvloop.run(_measure(conversations, rounds, profile))
+    case = f"node per-message path, {conversations:,} conversations (in process)"
+    return [
+        Row(case, "CPU per message", cpu / messages * 1e6, "µs", higher_is_better=False),
+        Row(
+            case,
+            "messages per CPU second",
+            messages / cpu,
+            "msgs/s",
+            extra={"wall_msgs_per_s": round(messages / wall), "messages": messages},
+        ),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_node", description=__doc__)
+    parser.add_argument("--json", action="store_true", help="print rows as JSON")
+    parser.add_argument("--quick", action="store_true", help="a shorter run (smoke run)")
+    parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the rounds")
+    args = parser.parse_args(argv)
+    rows = run(quick=args.quick, profile=args.profile)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        return 0
+    for r in rows:
+        extra = "  ".join(f"{k}={v}" for k, v in r.extra.items())
+        print(f"{r.case}: {r.impl} {r.value:,.1f} {r.unit}  {extra}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
