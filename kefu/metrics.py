@@ -314,6 +314,14 @@ class _Family(Generic[_C]):
     def _new_child(self) -> _C:
         raise NotImplementedError
 
+    def only(self) -> _C:
+        """The one series of a family without labels (a hot path keeps the child's bound
+        method: one call less per observation)."""
+        only = self._only
+        if only is None:
+            raise self._labelled_error()
+        return only
+
     def labels(self, *values: str) -> _C:
         """The child of this label set, created on first use (see the bound)."""
         child = self._children.get(values)
