@@ -108,6 +108,7 @@ _ALLOWED: Final[dict[str, frozenset[str]]] = {
     "accept": frozenset({"queued"}),
     "transfer": frozenset({"assigned"}),
 }
+_SENDABLE: Final = _ALLOWED["send"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,6 +380,22 @@ class Conversations:
             raise UnknownConversation(f"conversation {conv} is not open")
         self._drop_indexes(state)
         self.created_total -= 1
+
+    def take_seq(self, conv: int, now_ms: int) -> int:
+        """:meth:`check` for ``send``, :meth:`touch` and :meth:`next_seq` in one call (the
+        per-message path); raises as :meth:`check` does."""
+        state = self._open.get(conv)
+        if state is None or state.status not in _SENDABLE:
+            self.check(conv, "send")  # raises the precise refusal
+            raise AssertionError("unreachable")  # pragma: no cover
+        if now_ms > self._clock:
+            self._clock = now_ms
+        state.last_activity_ms = self._clock
+        idle = self._idle
+        del idle[conv]
+        idle[conv] = None
+        state.top_seq += 1
+        return state.top_seq
 
     def next_seq(self, conv: int) -> int:
         """The next message's seq: exactly one more than the last. Only call it in the step

@@ -57,11 +57,22 @@ _JSON_ENCODE = msgspec.json.Encoder().encode
 _MSGPACK_DECODE = msgspec.msgpack.Decoder().decode
 
 
+#: frame class -> its ``type`` (the frame classes are a fixed few; past the bound, not kept).
+_TAGS: dict[type, str] = {}
+_MAX_TAGS: Final = 256
+
+
 def frame_tag(frame: object) -> str:
-    """The ``type`` a frame is written with."""
-    config = getattr(type(frame), "__struct_config__", None)
-    tag = getattr(config, "tag", None)
-    return tag if isinstance(tag, str) else type(frame).__name__
+    """The ``type`` a frame is written with (cached per class: one dict lookup a frame)."""
+    cls = type(frame)
+    tag = _TAGS.get(cls)
+    if tag is None:
+        config = getattr(cls, "__struct_config__", None)
+        found = getattr(config, "tag", None)
+        tag = found if isinstance(found, str) else cls.__name__
+        if len(_TAGS) < _MAX_TAGS:
+            _TAGS[cls] = tag
+    return tag
 
 
 class Encoded:

@@ -242,7 +242,6 @@ from kefu.protocol import (
     ResumePoint,
     Send,
     Sender,
-    SenderRole,
     SessionStats,
     Status,
     StatusFrame,
@@ -427,7 +426,7 @@ def _msg_frame(m: StoredMessage) -> Msg:
         epoch=m.epoch,
         id=m.id,
         client_msg_id=m.client_msg_id,
-        from_=Sender(role=cast("SenderRole", m.from_role), id=m.from_id, name=m.from_name),
+        from_=Sender(role=m.from_role, id=m.from_id, name=m.from_name),  # type: ignore[arg-type]
         text=m.text,
         ts=m.ts,
         meta=m.meta,
@@ -2474,10 +2473,11 @@ class Node:
             return False
         conv = state.id
         client_msg_id = frame.client_msg_id
+        store: Store = self._store  # type: ignore[assignment]  # started: it takes frames
         if (
             client_msg_id is not None
             and self._dedup
-            and self.store.get_dedup(conv, client_msg_id) is not None
+            and store.get_dedup(conv, client_msg_id) is not None
         ):
             return False
         try:
@@ -2487,7 +2487,7 @@ class Node:
         # In flight from here: a full batch is written, and ``done`` called, inside the append.
         landing = _Landing(self, state, msg, conn, time.perf_counter_ns() - t0)
         try:
-            self.store.append_message_then(msg, landing.done)
+            store.append_message_then(msg, landing.done)
         except BaseException:
             state.top_seq -= 1  # nothing was enqueued: give the seq back
             landing.grounded()
@@ -2504,10 +2504,8 @@ class Node:
     ) -> StoredMessage:
         """The next message of ``state``: its seq taken, the conversation touched."""
         conv = state.id
-        self.conversations.check(conv, "send")
         now = _now_ms()
-        self.conversations.touch(conv, now)
-        seq = self.conversations.next_seq(conv)
+        seq = self.conversations.take_seq(conv, now)
         return StoredMessage(
             conv=conv,
             seq=seq,
@@ -2815,7 +2813,7 @@ class _Landing:
             elif exc is not None:
                 log.error("a cancelled send's delivery failed: %r", exc)
             return
-        conn = cast("Connection", self.conn)
+        conn: Connection = self.conn  # type: ignore[assignment]  # set on this path
         try:
             node._landed(self.msg.conv, self.msg.seq)
             if exc is None:

@@ -519,7 +519,7 @@ class GroupCommitWriter:
                 self._loop = loop
                 self._flush_scheduled = False
         else:
-            loop = cast(asyncio.AbstractEventLoop, self._loop)  # set by the first submit
+            loop = self._loop  # type: ignore[assignment]  # set by the first submit
         nbytes = 0
         for key, value in ops:
             nbytes += len(key) if value is None else len(key) + len(value)

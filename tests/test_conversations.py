@@ -90,6 +90,28 @@ def test_next_seq_is_gap_free_from_1() -> None:
         convs.next_seq(3)
 
 
+def test_take_seq_is_check_touch_and_next_seq_in_one() -> None:
+    """The per-message step: the same seq, activity and refusals as the three calls."""
+    one, three = Conversations(idle_ttl_ms=TTL), Conversations(idle_ttl_ms=TTL)
+    for convs in (one, three):
+        convs.create("v", None, 1_000, conv_id=1)
+        convs.create("w", None, 2_000, conv_id=2)
+    for now in (3_000, 2_500, 4_000):  # a clock that steps back counts as the latest
+        seq = one.take_seq(1, now)
+        three.check(1, "send")
+        three.touch(1, now)
+        assert seq == three.next_seq(1)
+        assert one.get(1) == three.get(1)
+        assert one.expired(10 * TTL) == three.expired(10 * TTL) == [2, 1]
+    assert one.get(1).top_seq == 3  # type: ignore[union-attr]
+    with pytest.raises(UnknownConversation):
+        one.take_seq(3, 5_000)
+    one.close(2, "visitor", None, 5_000)
+    with pytest.raises(ConversationClosed):
+        one.take_seq(2, 5_000)
+    assert one.get(2).top_seq == 0  # type: ignore[union-attr]
+
+
 def test_expiry_at_exactly_the_ttl() -> None:
     convs = Conversations(idle_ttl_ms=TTL)
     convs.create("v", None, 1_000, conv_id=1)
