@@ -533,6 +533,13 @@ class ChatService(pb_grpc.ChatServicer):
         limits = node.limits
         if not limits.connect_principal("visitor", visitor):
             raise _Refused("rate_limited", "too many connections for this visitor")
+        # Without a resume point the stream starts where ``subscribed`` says the conversation
+        # stands: resuming from there replays what lands before the registration (writing
+        # ``subscribed`` and, in a cluster, following the owner take a moment), and that
+        # resume's own ``resumed`` is not passed on.
+        quiet = resume is None
+        if quiet:
+            resume = [ResumePoint(conv=session_id, epoch=state.epoch, last_seq=state.top_seq)]
         conn.role, conn.principal = "visitor", visitor
         self.subscribers.add(conn)
         registered = False
@@ -543,22 +550,27 @@ class ChatService(pb_grpc.ChatServicer):
             await context.write(pb.Event(type="subscribed", subscribed=subscribed))
             registered = True  # on_ready registers before its first await
             await node.on_ready(conn.as_connection, Hello(token=token, resume=resume))
-            await self._forward(context, conn, session_id)
+            await self._forward(context, conn, session_id, quiet)
         finally:
             self.subscribers.discard(conn)
             if registered:
                 node.on_close(conn.as_connection)
             limits.disconnect_principal("visitor", visitor)
 
-    async def _forward(self, context: Any, conn: Subscriber, conv: str) -> None:
+    async def _forward(self, context: Any, conn: Subscriber, conv: str, quiet: bool) -> None:
         """The node's frames to the stream until the conversation's ``closed``, or until the
-        subscriber is closed (slow consumer, server stop)."""
+        subscriber is closed (slow consumer, server stop). ``quiet``: the first ``resumed`` is
+        the stream's own (``_subscribe``), dropped when it recovered everything."""
         while True:
             frames = await conn.take()
             for kind, data in frames:
                 event = _event(kind, data, conv)
                 if event is None:
                     continue
+                if quiet and kind == "resumed":
+                    quiet = False
+                    if event.resumed.recovered:
+                        continue
                 await _write(context, conn, event)
                 if kind == "closed":
                     return

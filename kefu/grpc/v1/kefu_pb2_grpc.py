@@ -103,7 +103,7 @@ class ChatServicer:
         """Every event of one conversation, as a WebSocket connection of its visitor receives it:
         first `subscribed` (where the conversation stands), then, with `resume`, the missed
         messages and `resumed` exactly as after a WebSocket `hello` with resume, then the live
-        events. The stream ends (OK) after the conversation's `closed` event. A subscriber that
+        events. Without `resume`, every message after `subscribed`'s top_seq comes once. The stream ends (OK) after the conversation's `closed` event. A subscriber that
         reads too slowly is ended with RESOURCE_EXHAUSTED (the WebSocket's "slow consumer").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
