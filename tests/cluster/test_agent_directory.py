@@ -37,6 +37,16 @@ async def knows(node: Node, agent_id: str, **fields: object) -> bool:
     return all(getattr(view, k) == v for k, v in fields.items())
 
 
+async def made_on(a: Node, b: Node, **fields: object) -> None:
+    """Agent "dave" created on ``a``, once ``b`` knows it."""
+    await a.create_agent(AgentCreate(id="dave", name="Dave", max_chats=2, token=DAVE))
+
+    async def b_knows() -> bool:
+        return await knows(b, "dave", **fields)
+
+    await until(b_knows)
+
+
 async def refused(node: Node, token: str) -> tuple[int | None, str]:
     """The close code and reason of a ``hello`` with ``token`` that the node refuses."""
     ws = await connect(f"ws://127.0.0.1:{node.ws_port}/ws")
@@ -57,12 +67,7 @@ def test_an_agent_made_on_one_node_works_on_every_node(
 ) -> None:
     async def body() -> None:
         async with two_nodes(tmp_path, redis_server.url, two_agents_config) as (a, b):
-            await a.create_agent(AgentCreate(id="dave", name="Dave", max_chats=2, token=DAVE))
-
-            async def b_knows() -> bool:
-                return await knows(b, "dave", name="Dave", max_chats=2)
-
-            await until(b_knows)
+            await made_on(a, b, name="Dave", max_chats=2)
             # Its own token on b, and a session b gives out works on a.
             on_b, welcome = await hello(b, DAVE)
             assert welcome["role"] == "agent"
@@ -111,19 +116,14 @@ def test_an_agent_made_on_one_node_works_on_every_node(
     run(body)
 
 
-def test_agents_sent_back_to_the_routing_on_every_node(
+def test_an_agent_made_on_one_node_chats_from_another(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     """An agent made on a, online on b, gets a conversation of a and chats in it."""
 
     async def body() -> None:
         async with two_nodes(tmp_path, redis_server.url, two_agents_config) as (a, b):
-            await a.create_agent(AgentCreate(id="dave", name="Dave", max_chats=2, token=DAVE))
-
-            async def b_knows() -> bool:
-                return await knows(b, "dave")
-
-            await until(b_knows)
+            await made_on(a, b)
             dave = await online(b, DAVE)
             conv, _v, token, status, _c = await a.create_chat(name="v")
             assert status == "assigned"
