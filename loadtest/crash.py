@@ -102,6 +102,13 @@ def agent_token(i: int) -> str:
 # -- the node ---------------------------------------------------------------------------------
 
 
+#: A run that does not drain reports (``diagnosis``) this many of its waiting clients, the
+#: node's metrics with these prefixes, and this much of the end of the node's log.
+DIAGNOSIS_CLIENTS = 10
+DIAGNOSIS_METRICS = ("kefu_store_", "kefu_ws_", "kefu_connections", "kefu_queue")
+DIAGNOSIS_LOG_CHARS = 4000
+
+
 class Node:
     """``kefu serve`` of this checkout, killed and restarted on one data directory."""
 
@@ -222,6 +229,14 @@ class Node:
     def cleanup(self) -> None:
         """Whatever state it is in: the node killed, the file system unmounted."""
         self.kill()
+
+    def log_tail(self, chars: int = DIAGNOSIS_LOG_CHARS) -> str:
+        """The end of the latest start's stderr (its warnings and errors)."""
+        path = self.workdir / f"stderr-{self.starts}.log"
+        try:
+            return path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
 
     def unsafe_logged(self) -> bool:
         """Whether a start logged that dedup is off (the switch was read)."""
@@ -907,6 +922,9 @@ async def drive(opts: Options, node: Node, rng: random.Random) -> dict[str, Any]
             break
         await asyncio.sleep(0.05)
     _progress(run, "drained")
+    # What still waits when the drain ends, before the audit's reads change the picture.
+    stuck = [c for c in run.clients if c.pending or not c.up]
+    diagnosis = await _diagnose(node, stuck) if stuck else None
     result = await audit(run)
     run.finish()
     for client in run.clients:
@@ -935,6 +953,41 @@ async def drive(opts: Options, node: Node, rng: random.Random) -> dict[str, Any]
         "clients": {k: v for k, v in c.__dict__.items()},
         "connect_errors": run.connect_errors,
         "audit": result,
+        **({"diagnosis": diagnosis} if diagnosis is not None else {}),
+    }
+
+
+async def _diagnose(node: Any, stuck: list[Any]) -> dict[str, Any]:
+    """What a run that did not drain leaves to look at: the clients still waiting (a few),
+    the node's store and connection figures from ``/metrics``, the end of its log."""
+    metrics: dict[str, str] = {}
+    try:
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as http,
+            http.get(f"{node.http_url}/metrics") as resp,
+        ):
+            text = await resp.text()
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name.startswith(DIAGNOSIS_METRICS) and "_bucket" not in name:
+                metrics[name] = value
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        metrics["error"] = repr(exc)
+    return {
+        "stuck_clients": [
+            {
+                "role": c.role,
+                "index": c.index,
+                "up": c.up,
+                "pending": len(c.pending),
+                "first_pending": sorted(c.pending)[:3],
+            }
+            for c in stuck[:DIAGNOSIS_CLIENTS]
+        ],
+        "stuck_total": len(stuck),
+        "metrics": metrics,
+        "log_tail": node.log_tail(),
     }
 
 

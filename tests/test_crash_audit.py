@@ -14,6 +14,7 @@ need ``/dev/fuse``, root, libfuse2 (Debian package ``libfuse2``) and ``fusepy``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -56,6 +57,9 @@ def crash_run(tmp_path: Path, *args: str) -> dict[str, Any]:
     report: dict[str, Any] = json.loads(out.read_text())
     report["_returncode"] = proc.returncode
     report["_first_line"] = stdout.splitlines()[0] if stdout else ""
+    if "diagnosis" in report:  # a run that did not drain: shown with a failing test's output
+        print(json.dumps(report["diagnosis"], indent=1))
+        print(stderr[-3000:])
     return report
 
 
@@ -172,3 +176,57 @@ def test_power_loss(tmp_path: Path, durability: str) -> None:
     else:  # acked after a write the kernel had, not the disk: the power cut takes it
         assert audit["lost"] > 0, r
         assert r["_returncode"] == 1 and "LOST" in r["_first_line"], r
+
+
+def test_a_run_that_does_not_drain_reports_what_waits() -> None:
+    """The diagnosis of a run whose clients still wait: a few of them, the node's store and
+    connection figures from its ``/metrics``, and the end of its log."""
+    from aiohttp import web
+
+    from loadtest.crash import DIAGNOSIS_CLIENTS, _diagnose
+
+    metrics = (
+        "# HELP kefu_store_unacked_count x\n"
+        "kefu_store_unacked_count 32\n"
+        'kefu_store_batch_write_seconds_bucket{le="0.001"} 4\n'
+        "kefu_ws_connections_open 22\n"
+        "kefu_bot_answers_total 0\n"
+    )
+
+    class Waiting:
+        def __init__(self, index: int) -> None:
+            self.role, self.index, self.up = "agent", index, index % 2 == 0
+            self.pending = {f"m{index}-{k}": ("c", "t") for k in range(5)}
+
+    class Node:
+        http_url = ""
+
+        @staticmethod
+        def log_tail() -> str:
+            return "kefu: WARNING something"
+
+    async def serve_metrics(_request: web.Request) -> web.Response:
+        return web.Response(text=metrics)
+
+    async def main() -> dict[str, Any]:
+        app = web.Application()
+        app.router.add_get("/metrics", serve_metrics)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        Node.http_url = f"http://127.0.0.1:{port}"
+        try:
+            return await _diagnose(Node(), [Waiting(i) for i in range(DIAGNOSIS_CLIENTS + 3)])
+        finally:
+            await runner.cleanup()
+
+    d = asyncio.run(main())
+    assert d["stuck_total"] == DIAGNOSIS_CLIENTS + 3
+    assert len(d["stuck_clients"]) == DIAGNOSIS_CLIENTS
+    first = d["stuck_clients"][0]
+    assert (first["role"], first["up"], first["pending"]) == ("agent", True, 5)
+    assert first["first_pending"] == ["m0-0", "m0-1", "m0-2"]
+    assert d["metrics"] == {"kefu_store_unacked_count": "32", "kefu_ws_connections_open": "22"}
+    assert d["log_tail"] == "kefu: WARNING something"
