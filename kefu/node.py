@@ -419,6 +419,17 @@ class _SessionConn(NamedTuple):
     end_ms: int  # when the token stops verifying (exp + CLOCK_SKEW_S)
 
 
+def _follow_point(
+    conv: int, welcomed: dict[int, tuple[int, int]]
+) -> tuple[int, str, int | None, int]:
+    """A remote conversation to follow without a resume point of the client's: from where
+    the welcome said it stood, if it said (``Member.attach``'s ``quiet``), else from now."""
+    at = welcomed.get(conv)
+    if at is None:
+        return (conv, format_conv_id(conv), None, 0)
+    return (conv, format_conv_id(conv), at[0], at[1])
+
+
 def _msg_frame(m: StoredMessage) -> Msg:
     return Msg(
         conv=f"{m.conv:016x}",  # format_conv_id's spelling; a stored id is a valid one
@@ -501,6 +512,10 @@ class Node:
         #: Cluster mode: an agent connection's remote conversations, from its welcome to its
         #: on_ready (which follows them).
         self._agent_remote: dict[Connection, list[int]] = {}
+        # Cluster mode: where each remote conversation stood in a connection's welcome
+        # ((epoch, top_seq) by conv), from authenticate to on_ready: a hello without a resume
+        # point follows the owner from there, so nothing landing in between is missed.
+        self._welcomed: dict[Connection, dict[int, tuple[int, int]]] = {}
         self._id_prefix = os.urandom(8).hex()
         self._id_counter = 0
         self.duplicates_total = 0
@@ -2150,6 +2165,7 @@ class Node:
                 raise TryAgainLater(f"the conversation is not reachable now: {exc}") from None
             except KefuError as exc:
                 raise AuthError(f"the conversation is not available: {exc}") from None
+            self._welcomed[conn] = {conv: (remote.epoch, remote.top_seq)}
             return Welcome(
                 role="visitor",
                 id=visitor_id,
@@ -2181,12 +2197,16 @@ class Node:
                 convs.append(self._conv_state(conv))
             else:
                 remote.append(conv)
+        welcomed: dict[int, tuple[int, int]] = {}
         for conv in remote[:MAX_REMOTE_WELCOME]:
             try:
-                convs.append(await member.describe(conv, format_conv_id(conv), "agent", agent_id))
+                described = await member.describe(conv, format_conv_id(conv), "agent", agent_id)
             except KefuError:
                 continue  # its owner is away: the agent sees it again once it is back
+            convs.append(described)
+            welcomed[conv] = (described.epoch, described.top_seq)
         self._agent_remote[conn] = remote
+        self._welcomed[conn] = welcomed
         return convs
 
     async def on_ready(self, conn: Connection, hello: Hello) -> None:
@@ -2210,7 +2230,9 @@ class Node:
                 (conv, point.conv, point.epoch, point.last_seq)
                 for point, conv in _remote_points(member, hello.resume or ())
             ]
+        resumed_by_client = {r[0] for r in remote}
         first = self.hub.register(conn, (role, principal))
+        welcomed = self._welcomed.pop(conn, {})
         if role == "visitor":
             # Where the visitor stands: a `queued` or `assigned` sent before this connection
             # existed (a page opened after the create call, a reload) would otherwise be lost.
@@ -2224,7 +2246,7 @@ class Node:
                     and not member.is_local(cs)
                     and not any(r[0] == cs for r in remote)
                 ):
-                    remote.append((cs, format_conv_id(cs), None, 0))
+                    remote.append(_follow_point(cs, welcomed))
         if role == "agent":
             self._track_session(conn, hello.token)
             if member is None:
@@ -2237,10 +2259,11 @@ class Node:
                 member.report_agent(principal)
                 for conv in self._agent_remote.pop(conn, ()):
                     if not any(r[0] == conv for r in remote):
-                        remote.append((conv, format_conv_id(conv), None, 0))
+                        remote.append(_follow_point(conv, welcomed))
         if remote and member is not None:
             # The remote conversations' frames wait for their owner's replay (kefu.cluster).
-            await member.attach(conn, (role, principal), remote)
+            quiet = set(welcomed).difference(resumed_by_client)
+            await member.attach(conn, (role, principal), remote, quiet=quiet)
         if role == "agent" and member is not None:
             try:
                 await member.send_presence(conn, [a.id for a in self.pool])
@@ -2288,9 +2311,16 @@ class Node:
             ref = frame.client_msg_id if isinstance(frame, Send) else frame_tag(frame)
             conn.send(Error(code=exc.code, message=str(exc), ref=ref))
 
+    def on_unwelcomed(self, conn: Connection) -> None:
+        """``authenticate`` answered for ``conn`` but it is not welcomed (kefu.web.ws): drop
+        what authenticate kept for its on_ready."""
+        self._agent_remote.pop(conn, None)
+        self._welcomed.pop(conn, None)
+
     def on_close(self, conn: Connection) -> None:
         self._session_conns.pop(conn.id, None)
         self._agent_remote.pop(conn, None)
+        self._welcomed.pop(conn, None)
         if self.member is not None:
             self.member.forget(conn)
         gone = self.hub.unregister(conn)

@@ -37,12 +37,13 @@ class StubHandler:
     def __init__(self) -> None:
         self.seq = 0
         self.closed: list[int] = []
+        self.unwelcomed: list[int] = []
         self.flood_result: tuple[int, bool] | None = None
         self.max_queued = 0
 
     async def authenticate(self, conn: Connection, hello: Hello) -> Welcome:
-        await asyncio.sleep(0)
-        if hello.token != "good":
+        await asyncio.sleep(0.3 if hello.token == "slow" else 0)
+        if hello.token not in ("good", "slow"):
             raise AuthError("bad token")
         return Welcome(role="visitor", id="v1", convs=[], ping_interval_ms=0, max_msg_bytes=0)
 
@@ -99,6 +100,9 @@ class StubHandler:
 
     def on_close(self, conn: Connection) -> None:
         self.closed.append(conn.id)
+
+    def on_unwelcomed(self, conn: Connection) -> None:
+        self.unwelcomed.append(conn.id)
 
 
 @contextlib.asynccontextmanager
@@ -313,6 +317,33 @@ def test_pipelined_frames_after_hello_keep_order() -> None:
             assert (await recv_json(ws))["code"] == "bad_frame"
 
     run(t)
+
+
+def test_a_connection_gone_while_authenticating_is_unwelcomed_not_closed() -> None:
+    """authenticate answered after the client left: the handler hears ``on_unwelcomed`` (to
+    drop what it kept for ``on_ready``), and no ``on_close``."""
+
+    async def body() -> None:
+        async with serving() as (_server, handler, url):
+            ws = await connect(url)
+            await ws.send('{"type":"hello","token":"slow"}')
+            await asyncio.sleep(0.1)  # authenticating (0.3 s) when the client leaves
+            await ws.close()
+            for _ in range(100):
+                if handler.unwelcomed:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(handler.unwelcomed) == 1
+            assert handler.closed == []
+            ok = await hello(url)  # a welcomed one is not
+            await ok.close()
+            for _ in range(100):
+                if handler.closed:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(handler.closed) == 1 and len(handler.unwelcomed) == 1
+
+    run(body)
 
 
 def test_hello_deadline_bad_token_and_frame_before_hello_close_1008() -> None:

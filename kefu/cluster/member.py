@@ -728,11 +728,14 @@ class Member:
         conn: Connection,
         key: Principal,
         points: list[tuple[int, str, int | None, int]],
+        quiet: set[int] | None = None,
     ) -> None:
         """``conn`` follows remote conversations: ``(conv, conv_hex, epoch | None, last_seq)``
         each (a resume point, or none). Their live frames wait until the owner's answer, which
         brings the replay: nothing missed, nothing twice. A failed attach closes ``conn`` with
-        1012: the client reconnects and resumes."""
+        1012: the client reconnects and resumes. ``quiet``: conversations whose point is the
+        node's own (where the welcome said they stood), not the client's: their ``resumed`` is
+        not passed on when it recovered everything."""
         by_owner: dict[str, list[tuple[int, str, int | None, int]]] = {}
         for point in points:
             owner = await self.owner_of(point[0])
@@ -746,6 +749,8 @@ class Member:
             def answered(body: Any, convs: list[int] = convs) -> None:
                 self._attached(conn, convs)
                 for kind, data in body[1][:MAX_REPLY_FRAMES]:
+                    if kind == "resumed" and quiet and _recovered_of(data, quiet):
+                        continue
                     Encoded.from_msgpack(data, kind).send(conn)
 
             try:
@@ -965,6 +970,19 @@ class Member:
     def _take_lag_max(self) -> float:
         lag, self.lag_max = self.lag_max, 0.0
         return lag
+
+
+def _recovered_of(data: bytes, convs: set[int]) -> bool:
+    """Whether ``data`` is a ``resumed`` that recovered everything, for one of ``convs``."""
+    try:
+        frame = msgspec.msgpack.decode(data)
+        return (
+            isinstance(frame, dict)
+            and frame.get("recovered", True) is True
+            and int(frame.get("conv", ""), 16) in convs
+        )
+    except (msgspec.DecodeError, TypeError, ValueError):
+        return False
 
 
 def _ref(frame: ClientFrame) -> str:

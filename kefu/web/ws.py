@@ -259,6 +259,10 @@ class FrameHandler(Protocol):
         """One decoded command of an authenticated connection (never ``hello`` or ``ping``)."""
         ...
 
+    # Optional: def on_unwelcomed(self, conn: Connection) -> None
+    #     ``authenticate`` answered but the connection will not be welcomed (it closed
+    #     meanwhile, or a connection limit refused it): no ``on_ready``, no ``on_close``.
+
     # Optional: def on_send_nowait(self, conn: Connection, frame: Send) -> bool
     #     Take ``frame`` without a task, when the connection has nothing else in hand. True:
     #     the handler took it and calls ``conn.frame_done()`` exactly once when it is answered
@@ -873,6 +877,7 @@ class Connection(WSListener):
             self.close(1011, "internal error")
             return
         if self._state != _AUTH:
+            self._unwelcomed()
             return  # closed while authenticating (hello timeout, client gone)
         if self._hello_timer is not None:
             self._hello_timer.cancel()
@@ -882,6 +887,7 @@ class Connection(WSListener):
             if not limits.connect_principal(welcome.role, welcome.id):
                 # kefu.web.ratelimit: 4029, "back off", not 1008 (the token is good).
                 self.close(CLOSE_RATE_LIMITED, f"too many connections for this {welcome.role}")
+                self._unwelcomed()
                 return
             self._principal_counted = True
             if welcome.role == "visitor":
@@ -898,6 +904,16 @@ class Connection(WSListener):
             await server.handler.on_ready(self, hello)
         except Exception:
             log.exception("conn %s: handler failed after the welcome", self.id)
+
+    def _unwelcomed(self) -> None:
+        """``authenticate`` answered but the connection is not welcomed after all: the
+        handler's optional ``on_unwelcomed`` drops what it kept for it."""
+        hook = getattr(self._server.handler, "on_unwelcomed", None)
+        if hook is not None:
+            try:
+                hook(self)
+            except Exception:
+                log.exception("conn %s: handler failed on an unwelcomed connection", self.id)
 
     # -----------------------------------------------------------------------------------------
     # Timers

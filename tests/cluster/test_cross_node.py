@@ -397,3 +397,47 @@ def test_nodes_reach_redis_over_tls(tmp_path: Path) -> None:
         run(body)
     finally:
         server.stop()
+
+
+def test_a_hello_without_resume_through_another_node_misses_nothing_after_its_welcome(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A message stored between the welcome (the owner's state as described) and the moment
+    the node follows the owner still reaches the new connection, once, with no ``resumed``
+    the client did not ask for; the same for an agent's remote conversations."""
+
+    async def body() -> None:
+        async with two_nodes(tmp_path, redis_server.url, node_config) as (a, b):
+            agent = await online(a, AGENT_TOKEN)
+            conv, _v, token, status, _c = await a.create_chat(name="v")
+            assert status == "assigned"
+            member = b.member
+            assert member is not None
+            attach = member.attach
+            sent = 0
+
+            async def late_attach(*args: Any, **kwargs: Any) -> None:
+                # The owner stores a message after the welcome, before b follows it.
+                nonlocal sent
+                sent += 1
+                await send(agent, type="send", conv=conv, client_msg_id=f"gap{sent}", text="gap")
+                assert (await recv(agent, "ack"))["seq"] == sent
+                await attach(*args, **kwargs)
+
+            member.attach = late_attach  # type: ignore[method-assign]
+            visitor, welcome = await hello(b, token)
+            assert welcome["convs"][0]["top_seq"] == 0
+            frames = [await recv(visitor) for _ in range(2)]  # assigned, then the message
+            kinds = [f["type"] for f in frames]
+            assert sorted(kinds) == ["assigned", "msg"], frames
+            got = next(f for f in frames if f["type"] == "msg")
+            assert (got["seq"], got["text"]) == (1, "gap")
+            # Live after that, and no stray "resumed".
+            await send(agent, type="send", conv=conv, client_msg_id="live", text="live")
+            nxt = await recv(visitor)
+            assert (nxt["type"], nxt["seq"]) == ("msg", 2), nxt
+            member.attach = attach  # type: ignore[method-assign]
+            for ws in (agent, visitor):
+                await ws.close()
+
+    run(body)
