@@ -300,8 +300,9 @@ def parse_conv_id(text: str) -> int:
 
 
 def message_key(conv: int, seq: int) -> bytes:
-    _check_u64(conv, "conversation id")
-    _check_u64(seq, "seq")
+    if not (0 <= conv <= U64_MAX and 0 <= seq <= U64_MAX):  # one test on the message path
+        _check_u64(conv, "conversation id")
+        _check_u64(seq, "seq")
     return _P_MESSAGE + _U64_PAIR.pack(conv, seq)
 
 
@@ -316,8 +317,11 @@ def open_key(conv: int) -> bytes:
 
 
 def dedup_key(conv: int, client_msg_id: str) -> bytes:
-    _check_u64(conv, "conversation id")
-    cmid = _name_bytes(client_msg_id, "client_msg_id", MAX_CLIENT_MSG_ID_BYTES)
+    cmid = client_msg_id.encode("utf-8")
+    if not (0 <= conv <= U64_MAX and 0 < len(cmid) <= MAX_CLIENT_MSG_ID_BYTES):
+        # The refusals, worded as elsewhere; the common case costs the one test above.
+        _check_u64(conv, "conversation id")
+        _name_bytes(client_msg_id, "client_msg_id", MAX_CLIENT_MSG_ID_BYTES)
     return _P_DEDUP + _U64.pack(conv) + cmid
 
 
@@ -875,8 +879,9 @@ class Store:
             raise StoreUnavailable("the store is closed")
 
     def _get(self, key: bytes) -> bytes | None:
-        self._check_open()
-        held = self.writer.lookup(key)
+        if self._closed:  # _check_open, inline: every point read (each message's dedup) is here
+            raise StoreUnavailable("the store is closed")
+        held = self.writer._overlay.get(key)  # GroupCommitWriter.lookup, inline
         if held is not None:
             return held[0]
         value: bytes | None = self._db.get(key)
