@@ -2624,7 +2624,14 @@ class Node:
     def _fan_out(
         self, state: ConversationState, frame: object, skip: Principal | None = None
     ) -> None:
-        self._to(state, self._participants(state), frame, skip)
+        # _participants and, alone, _to's hub.send, inline: this runs for every message.
+        keys: list[Principal] = [("visitor", state.visitor_id)]
+        if state.agent_id is not None:
+            keys.append(("agent", state.agent_id))
+        if self.member is None:
+            self.hub.send(keys, frame, skip)
+        else:
+            self._to(state, keys, frame, skip)
 
     def _to(
         self,
