@@ -577,8 +577,10 @@ class Node:
             batch_max_bytes=sc.batch_max_bytes,
             block_cache_bytes=sc.block_cache_bytes,
             write_buffer_bytes=sc.write_buffer_bytes,
+            dedup_filter_keys=sc.dedup_filter_keys,
         )
         store.writer.on_batch = self._observe_batch
+        store.start_dedup_filter(self._loop)
         try:
             for a in cfg.agents:
                 self.pool.add(a.id, a.name, weight=a.weight, max_chats=a.max_chats, groups=a.groups)

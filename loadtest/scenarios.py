@@ -120,6 +120,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--p99-ms", type=float, default=5.0, help="ramp: the latency bound")
     p.add_argument("--relay-only", action="store_true", help="relay: skip the kefu run")
     p.add_argument(
+        "--server-profile",
+        metavar="FILE",
+        help="with --spawn: `kefu serve --profile FILE` (node k of a cluster: FILE.k); "
+        "read it with `python -m pstats FILE`",
+    )
+    p.add_argument(
         "--nodes", type=int, default=1, help="with --spawn: a cluster of N nodes on one Redis"
     )
     p.add_argument(
@@ -226,7 +232,10 @@ class Setup:
                 self.redis = SpawnedRedis()
                 self.redis_sampler = ProcessSampler(self.redis.pid, self.t0_ns)
                 self.redis_memory["empty"] = self.redis.used_memory()
-            for _ in range(nodes):
+            for k in range(nodes):
+                profile = args.server_profile
+                if profile and nodes > 1:
+                    profile = f"{profile}.{k}"
                 self.servers.append(
                     SpawnedServer(
                         connections=max(self.via_count),
@@ -235,6 +244,7 @@ class Setup:
                         bot=self.bot,
                         cluster_url=self.redis.url if self.redis else None,
                         agent_chats=chats,
+                        profile=profile,
                     )
                 )
             if self.redis is not None:

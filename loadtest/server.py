@@ -80,9 +80,11 @@ class SpawnedServer:
         relay: bool = False,
         cluster_url: str | None = None,
         agent_chats: list[int] | None = None,
+        profile: str | None = None,
     ) -> None:
         """``agent_chats``: each agent's ``max_chats`` (default: the conversations spread
-        evenly, at most :data:`MAX_CHATS`); ``cluster_url``: join the cluster of that Redis."""
+        evenly, at most :data:`MAX_CHATS`); ``cluster_url``: join the cluster of that Redis;
+        ``profile``: the node writes a cProfile of its run there when it stops."""
         self.dir = Path(tempfile.mkdtemp(prefix="kefu-loadtest-"))
         self.cluster_url = cluster_url
         self.agent_chats = agent_chats
@@ -96,6 +98,8 @@ class SpawnedServer:
             cmd = [sys.executable, "-m", "loadtest.relay", "--port", "0"]
         else:
             cmd = self._kefu_command(connections, agent_tokens, conversations, bot)
+            if profile:
+                cmd += ["--profile", str(Path(profile).resolve())]
         self.command = cmd
         self._stderr = open(self.dir / "stderr.log", "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(

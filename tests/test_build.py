@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-CORE_MODULES = ("ringbuf", "mq", "router", "tfidf")
+CORE_MODULES = ("ringbuf", "mq", "router", "tfidf", "bloom")
 
 pytestmark = pytest.mark.slow
 

@@ -458,6 +458,151 @@ def test_an_append_stores_its_own_dedup_key_whatever_was_looked_up_before(
     assert store.get_dedup(33, "e") == 1
 
 
+def stored_with_cmids(db_path: str, convs: int, per_conv: int, **open_kw: Any) -> None:
+    """``per_conv`` messages with client_msg_ids ``c{conv}-{seq}`` in each of ``convs``
+    conversations, written and closed."""
+
+    async def main(s: Store) -> None:
+        for conv in range(1, convs + 1):
+            await asyncio.gather(
+                *(
+                    s.append_message(message(conv, seq, f"c{conv}-{seq}"))
+                    for seq in range(1, per_conv + 1)
+                )
+            )
+
+    with Store.open(db_path, **open_kw) as s:
+        run(main(s))
+
+
+def test_the_dedup_filter_answers_as_rocksdb_after_a_restart(db_path: str) -> None:
+    stored_with_cmids(db_path, convs=30, per_conv=10)
+    with Store.open(db_path) as s:
+        assert not s.dedup_filter_active  # not loaded yet: every check reads RocksDB
+        assert s.get_dedup(7, "c7-3") == 3
+        assert s.get_dedup(7, "c7-99") is None
+        assert s.dedup_filter_skips == 0
+        assert s.load_dedup_filter() is True
+        assert s.dedup_filter_active
+        assert s.stats()["dedup_filter_keys"] == 300
+        for conv in range(1, 31):
+            for seq in range(1, 11):
+                assert s.get_dedup(conv, f"c{conv}-{seq}") == seq
+        assert s.dedup_filter_skips == 0  # a stored key is never skipped
+        for conv in range(1, 31):
+            for seq in range(11, 45):  # 1,020 ids never sent
+                assert s.get_dedup(conv, f"c{conv}-{seq}") is None
+        assert s.dedup_filter_skips + s.dedup_filter_false_positives == 1_020
+        assert s.dedup_filter_skips > 1_000  # most are answered without a read
+        stats = s.stats()
+        assert stats["dedup_filter_active"] == 1.0
+        assert stats["dedup_filter_skips_total"] == s.dedup_filter_skips
+        assert stats["dedup_filter_bytes"] == 8 << 20  # 4 million keys at 10 bits, rounded up
+    # A message's retry after the restart, through the node's path: the same seq.
+    with Store.open(db_path) as s:
+        s.load_dedup_filter()
+
+        async def main() -> None:
+            assert s.get_dedup(3, "c3-4") == 4
+            assert s.get_dedup(3, "new") is None
+            await s.append_message(message(3, 11, "new"))
+            assert s.get_dedup(3, "new") == 11
+
+        run(main())
+
+
+def test_keys_written_while_the_filter_loads_are_found(db_path: str) -> None:
+    stored_with_cmids(db_path, convs=5, per_conv=1_000)
+    with Store.open(db_path) as s:
+
+        async def main() -> None:
+            assert s.load_dedup_filter(budget=1_000) is False
+            # Written after the scan began: the scan's view does not hold them.
+            await s.append_message(message(9, 1, "during"))
+            done: list[BaseException | None] = []
+            s.append_message_then(message(9, 2, "during-2"), done.append)
+            await s.barrier()
+            assert done == [None]
+            steps = 0
+            while not s.load_dedup_filter(budget=1_000):
+                steps += 1
+            assert steps >= 3 and s.dedup_filter_active
+            assert s.get_dedup(9, "during") == 1
+            assert s.get_dedup(9, "during-2") == 2
+            assert all(s.get_dedup(3, f"c3-{seq}") == seq for seq in range(1, 1_001))
+            assert s.dedup_filter_keys_seen() == 5_002
+
+        run(main())
+
+
+def test_the_filter_loads_on_the_loop_in_steps(db_path: str) -> None:
+    stored_with_cmids(db_path, convs=3, per_conv=3_000)
+    with Store.open(db_path) as s:
+
+        async def main() -> int:
+            s.start_dedup_filter(asyncio.get_running_loop())
+            s.start_dedup_filter(asyncio.get_running_loop())  # a second start does nothing
+            iterations = 0
+            while not s.dedup_filter_active:
+                await asyncio.sleep(0)
+                iterations += 1
+                assert iterations < 1_000
+            return iterations
+
+        iterations = run(main())
+        assert iterations >= 9_000 // 2_048  # one step of DEDUP_SCAN_STEP keys per iteration
+        assert s.dedup_filter_keys_seen() == 9_000
+        assert s.get_dedup(2, "c2-2999") == 2999
+
+
+def test_a_store_closed_while_its_filter_loads(db_path: str) -> None:
+    stored_with_cmids(db_path, convs=2, per_conv=3_000)
+    s = Store.open(db_path)
+
+    async def main() -> None:
+        s.start_dedup_filter(asyncio.get_running_loop())
+        await asyncio.sleep(0)
+        assert not s.dedup_filter_active
+        s.close()
+        for _ in range(5):
+            await asyncio.sleep(0)  # the next step finds the store closed and stops
+
+    run(main())
+    assert not s.dedup_filter_active
+    with pytest.raises(StoreUnavailable):
+        s.get_dedup(1, "c1-1")
+
+
+def test_a_full_dedup_filter_is_dropped_and_every_check_reads(db_path: str) -> None:
+    with Store.open(db_path, dedup_filter_keys=50) as s:
+        assert s.load_dedup_filter() is True and s.dedup_filter_active
+
+        async def main() -> None:
+            for seq in range(1, 61):
+                await s.append_message(message(4, seq, f"m{seq}"))
+                assert s.dedup_filter_active == (seq < 50)
+
+        run(main())
+        stats = s.stats()
+        assert stats["dedup_filter_active"] == 0.0
+        assert stats["dedup_filter_keys"] == 0 and stats["dedup_filter_bytes"] == 0
+        assert all(s.get_dedup(4, f"m{seq}") == seq for seq in range(1, 61))
+        assert s.get_dedup(4, "m61") is None
+        skips = s.dedup_filter_skips
+        assert s.get_dedup(4, "m62") is None and s.dedup_filter_skips == skips
+    # Reopened with the same bound over 60 stored keys: it fills while loading, is dropped.
+    with Store.open(db_path, dedup_filter_keys=50) as s:
+        assert s.load_dedup_filter() is True
+        assert not s.dedup_filter_active
+        assert s.get_dedup(4, "m60") == 60 and s.get_dedup(4, "m70") is None
+    with Store.open(db_path, dedup_filter_keys=0) as s:  # none at all
+        assert s.load_dedup_filter() is True and not s.dedup_filter_active
+        assert s.stats()["dedup_filter_capacity"] == 0
+        assert s.get_dedup(4, "m1") == 1 and s.get_dedup(4, "m0") is None
+    with pytest.raises(ValueError, match="dedup_filter_keys"):
+        Store.open(db_path, dedup_filter_keys=-1)
+
+
 def test_client_msg_id_limits(store: Store) -> None:
     async def main() -> None:
         await store.append_message(message(22, 1, "x" * 64))

@@ -16,12 +16,13 @@ import importlib
 import os
 from types import ModuleType
 
-from kefu._core import _mq_py, _ringbuf_py, _router_py, _tfidf_py
+from kefu._core import _bloom_py, _mq_py, _ringbuf_py, _router_py, _tfidf_py
 
 __all__ = [
     "MODULES",
     "NO_EXTENSIONS",
     "USING_EXTENSIONS",
+    "bloom",
     "implementations",
     "mq",
     "ringbuf",
@@ -29,7 +30,7 @@ __all__ = [
     "tfidf",
 ]
 
-MODULES = ("ringbuf", "mq", "router", "tfidf")
+MODULES = ("ringbuf", "mq", "router", "tfidf", "bloom")
 
 NO_EXTENSIONS = os.environ.get("KEFU_NO_EXTENSIONS", "").strip().lower() not in (
     "",
@@ -43,6 +44,7 @@ ringbuf: ModuleType = _ringbuf_py
 mq: ModuleType = _mq_py
 router: ModuleType = _router_py
 tfidf: ModuleType = _tfidf_py
+bloom: ModuleType = _bloom_py
 USING_EXTENSIONS = False
 
 
@@ -60,7 +62,7 @@ def _import_compiled(name: str) -> ModuleType | None:
 if not NO_EXTENSIONS:
     _compiled = [_import_compiled(name) for name in MODULES]
     if all(m is not None for m in _compiled):
-        ringbuf, mq, router, tfidf = (m for m in _compiled if m is not None)
+        ringbuf, mq, router, tfidf, bloom = (m for m in _compiled if m is not None)
         USING_EXTENSIONS = True
     del _compiled
 

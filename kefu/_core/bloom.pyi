@@ -1,0 +1,33 @@
+"""A fixed-size Bloom filter over byte strings (compiled; the twin is ``kefu._core._bloom_py``).
+
+``may_contain`` never answers ``False`` for a key that was added; it answers ``True`` for one
+that was not with a probability that grows with ``count`` (about 1 % at ``capacity`` keys and
+10 bits per key). The bit array never grows: past ``capacity`` keys ``full`` is true.
+"""
+
+from typing import Final, final
+
+__all__ = ["MAX_BITS", "BloomFilter", "debug_counters"]
+
+MAX_BITS: Final[int]
+"""Largest bit array: ``capacity * bits_per_key`` may not exceed it."""
+
+def debug_counters() -> dict[str, int]: ...
+
+@final
+class BloomFilter:
+    capacity: Final[int]
+    count: int
+    nbits: Final[int]
+    def __init__(self, capacity: int, bits_per_key: int = 10) -> None: ...
+    @property
+    def hashes(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def full(self) -> bool: ...
+    def add(self, key: bytes) -> None: ...
+    def may_contain(self, key: bytes) -> bool: ...
+    def clear(self) -> None: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, key: object) -> bool: ...
