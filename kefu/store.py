@@ -391,24 +391,16 @@ Op = tuple[bytes, bytes | None]  # (key, value); value None deletes the key
 Done = Callable[[BaseException | None], None]
 
 
-class _Entry:
-    """One write: its ops go into a single batch and one future acknowledges them."""
+class _Entry(msgspec.Struct):
+    """One write: its ops go into a single batch and one future acknowledges them.
 
-    __slots__ = ("future", "messages", "nbytes", "ops", "serial")
+    A Struct: built by one C call, a quarter of a ``__slots__`` class's ``__init__``."""
 
-    def __init__(
-        self,
-        ops: list[Op],
-        nbytes: int,
-        messages: int,
-        future: asyncio.Future[None] | Done,
-        serial: int,
-    ) -> None:
-        self.ops = ops
-        self.nbytes = nbytes
-        self.messages = messages
-        self.future = future
-        self.serial = serial
+    ops: list[Op]
+    nbytes: int
+    messages: int
+    future: asyncio.Future[None] | Done
+    serial: int
 
 
 def _resolve(future: asyncio.Future[None] | Done, exc: BaseException | None) -> None:
