@@ -82,7 +82,7 @@ class Encoded:
 
     def __init__(self, frame: object) -> None:
         self.frame: object = frame
-        self.kind = frame_tag(frame)
+        self.kind = _TAGS.get(type(frame)) or frame_tag(frame)  # frame_tag, cached: inline
         self._json: bytes | None = None
         self._msgpack: bytes | None = None
 
@@ -186,6 +186,11 @@ class Hub:
                 continue
             if encoded is None:
                 encoded = Encoded(frame)
+            if len(conns) == 1 and not exclude:  # the common case, without the set's copy
+                (c,) = conns
+                encoded.send(c)
+                sent += 1
+                continue
             for c in list(conns):
                 if exclude and c in exclude:
                     continue

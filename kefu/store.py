@@ -527,6 +527,36 @@ class GroupCommitWriter:
         ``done(error)`` if they cannot be. No future: the per-message path (kefu.node)."""
         self._enter(ops, messages, done)
 
+    def submit_message_then(self, ops: list[Op], nbytes: int, done: Done) -> None:
+        """``submit_then`` of one message's ops (``_message_ops``: its key, then its dedup key
+        if it has one) of ``nbytes`` bytes: the per-message path, with ``_enter``'s steps for
+        the common case inline. Anything else (a failure, the first write of a burst, a full
+        budget) goes through ``_enter``, which raises or enqueues as for any write."""
+        if (
+            self._failure is not None
+            or self._closed
+            or not self.unacked_count
+            or self.unacked_count >= self.max_pending
+            or self.unacked_bytes + nbytes > self.max_pending_bytes
+        ):
+            self._enter(ops, 1, done)
+            return
+        serial = self._serial = self._serial + 1
+        pending = self._pending
+        if not pending.put(_Entry(ops, nbytes, 1, done, serial), nbytes):
+            self.busy_rejections += 1
+            raise StoreBusy("the pending queue is full")
+        self.unacked_count += 1
+        self.unacked_bytes += nbytes
+        if len(ops) > 1:
+            key, value = ops[1]
+            self._overlay[key] = (value, serial)
+        if len(pending) >= self.batch_max_entries or pending.nbytes >= self.batch_max_bytes:
+            self._flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._on_tick)  # type: ignore[union-attr]  # set: in flight
+
     def _enter(self, ops: list[Op], messages: int, done: Done | None) -> Any:
         if self._failure is not None:
             raise StoreUnavailable(f"an earlier write failed: {self._failure!r}") from (
@@ -728,23 +758,27 @@ class GroupCommitWriter:
             self._executor.shutdown(wait=True)
 
 
-def _message_ops(msg: StoredMessage, looked_up: tuple[int, str, bytes] | None = None) -> list[Op]:
+def _message_ops(
+    msg: StoredMessage, looked_up: tuple[int, str, bytes] | None = None
+) -> tuple[list[Op], int]:
     """The message's key and, with a ``client_msg_id``, its dedup key (``looked_up``: the
     last ``(conv, client_msg_id, key)`` :meth:`Store.get_dedup` built, reused when it is
-    this message's: the check and the append of one send build the key once)."""
+    this message's: the check and the append of one send build the key once); and their
+    bytes, as the writer counts them."""
     if msg.seq < 1:
         raise ValueError(f"seq starts at 1, got {msg.seq}")
     if msg.from_role not in MESSAGE_ROLES:
         raise ValueError(f"from_role must be one of {sorted(MESSAGE_ROLES)}")
-    ops: list[Op] = [(message_key(msg.conv, msg.seq), _ENCODE(msg))]
+    key = message_key(msg.conv, msg.seq)
+    value = _ENCODE(msg)
     cmid = msg.client_msg_id
-    if cmid is not None:
-        if looked_up is not None and looked_up[0] == msg.conv and looked_up[1] == cmid:
-            key = looked_up[2]
-        else:
-            key = dedup_key(msg.conv, cmid)
-        ops.append((key, _U64.pack(msg.seq)))
-    return ops
+    if cmid is None:
+        return [(key, value)], len(key) + len(value)
+    if looked_up is not None and looked_up[0] == msg.conv and looked_up[1] == cmid:
+        dkey = looked_up[2]
+    else:
+        dkey = dedup_key(msg.conv, cmid)
+    return [(key, value), (dkey, _U64.pack(msg.seq))], len(key) + len(value) + len(dkey) + 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1226,7 +1260,7 @@ class Store:
         All of it lands in one batch; the future resolves once that batch is durable.
         Raises StoreBusy, StoreUnavailable, or ValueError on a malformed message.
         """
-        ops = _message_ops(msg, self._looked_up)
+        ops, _ = _message_ops(msg, self._looked_up)
         self._note_dedup(ops)
         if conv is not None:
             if conv.id != msg.conv:
@@ -1237,13 +1271,13 @@ class Store:
     def append_message_then(self, msg: StoredMessage, done: Done) -> None:
         """``append_message`` without a future: ``done(None)`` once durable, ``done(error)``
         if the write fails. Raises as ``append_message`` does, and then never calls ``done``."""
-        ops = _message_ops(msg, self._looked_up)
+        ops, nbytes = _message_ops(msg, self._looked_up)
         flt = self._dedup_filter  # _note_dedup, inline: every message is here
         if flt is not None and len(ops) > 1:
             flt.add(ops[1][0])
             if flt.full:
                 self._drop_dedup_filter()
-        self.writer.submit_then(ops, done, messages=1)
+        self.writer.submit_message_then(ops, nbytes, done)
 
     def put_conversation(self, conv: StoredConversation) -> asyncio.Future[None]:
         """Enqueue ``conv``'s record with its ``o`` and ``u`` index keys."""
