@@ -101,6 +101,8 @@ groups), and the bound is the backstop for a mistake.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import gc
 import itertools
 import logging
 import math
@@ -110,7 +112,7 @@ import re
 import resource
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Final, Generic, Literal, NamedTuple, TypeVar
+from typing import Any, Final, Generic, Literal, NamedTuple, TypeVar
 
 __all__ = [
     "CONTENT_TYPE",
@@ -893,3 +895,86 @@ def collect_build_info() -> list[CollectedFamily]:
             ],
         ),
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop's responsiveness and the garbage collector's pauses
+
+
+#: How often :class:`LoopLagMonitor` looks at the loop (20 callbacks a second).
+LOOP_LAG_INTERVAL_S: Final = 0.05
+
+
+class LoopLagMonitor:
+    """How late the event loop runs a callback that is due: the time a ready frame can wait in
+    its socket because the loop's one thread is busy with other work (a long batch, a garbage
+    collection, a slow callback). Every ``interval_s`` a timer is scheduled; when it runs,
+    ``observe(seconds late)`` is called (uvloop's timers have millisecond resolution, so under
+    about 1 ms is resolution, not lag). ``stop`` cancels it; one timer at a time, no state."""
+
+    def __init__(
+        self,
+        loop: Any,
+        observe: Callable[[float], None],
+        interval_s: float = LOOP_LAG_INTERVAL_S,
+    ) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be > 0, got {interval_s}")
+        self._loop = loop
+        self._observe = observe
+        self.interval_s = interval_s
+        self._handle: Any = None
+        self._due = 0.0
+        self.max_lag_s = 0.0
+
+    def start(self) -> None:
+        if self._handle is None:
+            self._schedule()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _schedule(self) -> None:
+        self._due = time.perf_counter() + self.interval_s
+        self._handle = self._loop.call_later(self.interval_s, self._fire)
+
+    def _fire(self) -> None:
+        lag = max(0.0, time.perf_counter() - self._due)
+        self.max_lag_s = max(self.max_lag_s, lag)
+        self._schedule()
+        self._observe(lag)
+
+
+class GcPauseMonitor:
+    """The duration of every garbage collection, by generation, through ``gc.callbacks``:
+    ``observe[generation](seconds)``. While it runs the loop runs nothing else. ``stop``
+    removes the callback (the process keeps one list for everything in it)."""
+
+    def __init__(self, observe: Sequence[Callable[[float], None]]) -> None:
+        if len(observe) != 3:
+            raise ValueError("one observer per generation (0, 1, 2)")
+        self._observe = tuple(observe)
+        self._t0 = 0.0
+        self._on = False
+
+    def start(self) -> None:
+        if not self._on:
+            gc.callbacks.append(self._callback)
+            self._on = True
+
+    def stop(self) -> None:
+        if self._on:
+            with contextlib.suppress(ValueError):
+                gc.callbacks.remove(self._callback)
+            self._on = False
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+            return
+        generation = info.get("generation", 2)
+        if 0 <= generation <= 2 and self._t0:
+            self._observe[generation](time.perf_counter() - self._t0)
+        self._t0 = 0.0

@@ -191,7 +191,14 @@ from kefu.config import Config
 from kefu.conversations import Conversations, ConversationState, may_see, may_write
 from kefu.errors import KefuError
 from kefu.hub import Encoded, Hub, Principal, frame_tag
-from kefu.metrics import LATENCY_BUCKETS, CollectedFamily, Registry
+from kefu.metrics import (
+    LATENCY_BUCKETS,
+    LOOP_LAG_INTERVAL_S,
+    CollectedFamily,
+    GcPauseMonitor,
+    LoopLagMonitor,
+    Registry,
+)
 from kefu.protocol import (
     AGENT_SESSION_TTL_S,
     MAX_TEXT_CHARS,
@@ -498,6 +505,7 @@ class Node:
         self._presence_dirty: set[str] = set()
         self._presence_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
+        self._loop_lag: LoopLagMonitor | None = None  # started with the node
         self._loop: asyncio.AbstractEventLoop | None = None
         self.bootstrap: Bootstrap | None = None
         self.credentials_path = str(Path(config.data_dir) / CREDENTIALS_FILE)
@@ -645,6 +653,9 @@ class Node:
             raise
         self.started_at = time.monotonic()
         self._schedule_tick()
+        self._loop_lag = LoopLagMonitor(self._loop, self._m_loop_lag.only().observe)
+        self._loop_lag.start()
+        self._gc_pauses.start()
 
     async def _first_start(self) -> None:
         """Admin token and demo agent of a first start (module doc, "First start")."""
@@ -759,6 +770,10 @@ class Node:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._loop_lag is not None:
+            self._loop_lag.stop()
+            self._loop_lag = None
+        self._gc_pauses.stop()
         if self.ws is not None:
             await self.ws.stop()
             self.ws = None
@@ -1548,6 +1563,19 @@ class Node:
         self._m_dups = reg.counter(
             "kefu_message_duplicates_total", "Sends answered as duplicates of a client_msg_id."
         )
+        self._m_loop_lag = reg.histogram(
+            "kefu_event_loop_lag_seconds",
+            "How late the event loop ran a timer that was due (sampled every "
+            f"{LOOP_LAG_INTERVAL_S:g} s): how long a ready frame can wait for the loop.",
+            LATENCY_BUCKETS,
+        )
+        gc_pause = reg.histogram(
+            "kefu_gc_pause_seconds",
+            "Garbage collections by generation, each timed (the loop runs nothing meanwhile).",
+            LATENCY_BUCKETS,
+            ["generation"],
+        )
+        self._gc_pauses = GcPauseMonitor([gc_pause.labels(str(g)).observe for g in (0, 1, 2)])
         reg.register_collector(self._collect_node, name="node")
         reg.register_collector(
             lambda: [] if self.member is None else self.member.collect(),

@@ -290,6 +290,10 @@ INTERNAL_HISTOGRAMS = (
     "kefu_message_received_to_delivered_seconds",
     "kefu_store_batch_write_seconds",
     "kefu_store_batch_messages",
+    # What keeps the loop from reading: how late it ran a due timer, and collections (the
+    # generations summed).
+    "kefu_event_loop_lag_seconds",
+    "kefu_gc_pause_seconds",
 )
 _BUCKET_LINE = re.compile(r'^(\w+)_bucket\{(?:[^}]*,)?le="([^"]+)"[^}]*\} (\S+)$')
 _SUM_LINE = re.compile(r"^(\w+)_(sum|count)(?:\{[^}]*\})? (\S+)$")
@@ -299,7 +303,8 @@ def scrape_histograms(
     http_url: str, names: tuple[str, ...] = INTERNAL_HISTOGRAMS, timeout: float = 10.0
 ) -> dict[str, dict[str, Any]]:
     """The named histograms of a kefu's ``/metrics`` as ``{name: {"buckets": [(le, cumulative
-    count)], "sum": s, "count": n}}``; empty when the server does not answer (a relay)."""
+    count)], "sum": s, "count": n}}``, the series of a labelled one summed; empty when the
+    server does not answer (a relay)."""
     import urllib.request
 
     try:
@@ -309,16 +314,21 @@ def scrape_histograms(
         return {}
     wanted = set(names)
     out: dict[str, dict[str, Any]] = {}
+    buckets: dict[str, dict[float, float]] = {}
     for line in text.splitlines():
         m = _BUCKET_LINE.match(line)
         if m and m.group(1) in wanted:
-            row = out.setdefault(m.group(1), {"buckets": [], "sum": 0.0, "count": 0})
-            row["buckets"].append((float(m.group(2)), float(m.group(3))))
+            out.setdefault(m.group(1), {"buckets": [], "sum": 0.0, "count": 0})
+            by_le = buckets.setdefault(m.group(1), {})
+            le = float(m.group(2))
+            by_le[le] = by_le.get(le, 0.0) + float(m.group(3))
             continue
         m = _SUM_LINE.match(line)
         if m and m.group(1) in wanted:
             row = out.setdefault(m.group(1), {"buckets": [], "sum": 0.0, "count": 0})
-            row[m.group(2)] = float(m.group(3))
+            row[m.group(2)] += float(m.group(3))
+    for name, by_le in buckets.items():
+        out[name]["buckets"] = sorted(by_le.items())
     return out
 
 

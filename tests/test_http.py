@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import hmac
 import io
@@ -26,6 +27,7 @@ from websockets.exceptions import ConnectionClosed
 
 from kefu.config import AgentConfig, BotConfig, Config, HttpConfig, IdentityConfig, WsConfig
 from kefu.errors import KefuError
+from kefu.metrics import LOOP_LAG_INTERVAL_S
 from kefu.node import Node
 from kefu.protocol import ErrorBody
 from kefu.web.http import MAX_BODY_BYTES, HttpServer
@@ -544,6 +546,10 @@ def test_unexpected_errors_are_500_without_details(
 # -- public endpoints ---------------------------------------------------------------------------
 
 
+def store_gauge(families: dict[str, Any], name: str) -> float:
+    return float(next(s.value for s in families[name].samples if s.name == name))
+
+
 def test_config_healthz_metrics(tmp_path: Path) -> None:
     async def body() -> None:
         async with serving(tmp_path) as h:
@@ -568,6 +574,25 @@ def test_config_healthz_metrics(tmp_path: Path) -> None:
                 if s.name == "kefu_messages_total"
             }
             assert messages["visitor"] == 1
+            # The loop's lag is sampled from the start; a collection forced here is timed.
+            await asyncio.sleep(3 * LOOP_LAG_INTERVAL_S)
+            gc.collect(1)
+            async with h.http.get("/metrics") as resp:
+                text = await resp.text()
+            families = {f.name: f for f in text_string_to_metric_families(text)}
+            lag_count = next(
+                s.value
+                for s in families["kefu_event_loop_lag_seconds"].samples
+                if s.name.endswith("_count")
+            )
+            assert lag_count >= 2
+            assert store_gauge(families, "kefu_store_dedup_filter_active") == 1.0
+            gc_counts = {
+                s.labels["generation"]: s.value
+                for s in families["kefu_gc_pause_seconds"].samples
+                if s.name.endswith("_count")
+            }
+            assert set(gc_counts) == {"0", "1", "2"} and gc_counts["1"] >= 1
 
             h.node.store.close()  # what a failed write does too: the store takes no more
             status, health, _ = await h.call("GET", "/healthz")

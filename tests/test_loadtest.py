@@ -188,3 +188,84 @@ def test_cluster_cross_placement_accounts_for_every_message(tmp_path: Path) -> N
     assert 0 < memory["empty"] < memory["after_connect"]
     assert res["redis"]["rss_max_bytes"] > 0
     assert res["server_exit_code"] == [0, 0]
+
+
+_METRICS_BEFORE = """\
+# TYPE kefu_gc_pause_seconds histogram
+kefu_gc_pause_seconds_bucket{generation="0",le="0.001"} 10
+kefu_gc_pause_seconds_bucket{generation="0",le="0.005"} 10
+kefu_gc_pause_seconds_bucket{generation="0",le="+Inf"} 10
+kefu_gc_pause_seconds_sum{generation="0"} 0.002
+kefu_gc_pause_seconds_count{generation="0"} 10
+kefu_gc_pause_seconds_bucket{generation="2",le="0.001"} 0
+kefu_gc_pause_seconds_bucket{generation="2",le="0.005"} 0
+kefu_gc_pause_seconds_bucket{generation="2",le="+Inf"} 1
+kefu_gc_pause_seconds_sum{generation="2"} 0.03
+kefu_gc_pause_seconds_count{generation="2"} 1
+# TYPE kefu_event_loop_lag_seconds histogram
+kefu_event_loop_lag_seconds_bucket{le="0.001"} 5
+kefu_event_loop_lag_seconds_bucket{le="0.005"} 5
+kefu_event_loop_lag_seconds_bucket{le="+Inf"} 5
+kefu_event_loop_lag_seconds_sum 0.001
+kefu_event_loop_lag_seconds_count 5
+kefu_other_seconds_count 7
+"""
+
+
+def _serve_metrics(bodies: list[str]) -> Any:
+    """A /metrics endpoint answering ``bodies`` in turn, on a free loopback port."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = bodies.pop(0).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_server_histograms_are_scraped_and_differenced_with_label_sets_summed() -> None:
+    from loadtest.server import histogram_delta, scrape_histograms
+
+    after = (
+        _METRICS_BEFORE.replace('generation="0",le="0.001"} 10', 'generation="0",le="0.001"} 30')
+        .replace('generation="0",le="0.005"} 10', 'generation="0",le="0.005"} 30')
+        .replace('generation="0",le="+Inf"} 10', 'generation="0",le="+Inf"} 30')
+        .replace('_sum{generation="0"} 0.002', '_sum{generation="0"} 0.006')
+        .replace('_count{generation="0"} 10', '_count{generation="0"} 30')
+        .replace('le="+Inf"} 1\n', 'le="+Inf"} 2\n')
+        .replace('_sum{generation="2"} 0.03', '_sum{generation="2"} 0.09')
+        .replace('_count{generation="2"} 1', '_count{generation="2"} 2')
+        .replace('lag_seconds_bucket{le="+Inf"} 5', 'lag_seconds_bucket{le="+Inf"} 9')
+        .replace("lag_seconds_sum 0.001", "lag_seconds_sum 0.041")
+        .replace("lag_seconds_count 5", "lag_seconds_count 9")
+    )
+    server = _serve_metrics([_METRICS_BEFORE, after])
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        before_rows = scrape_histograms(url)
+        after_rows = scrape_histograms(url)
+    finally:
+        server.shutdown()
+    assert set(before_rows) == {"kefu_gc_pause_seconds", "kefu_event_loop_lag_seconds"}
+    gc_before = before_rows["kefu_gc_pause_seconds"]
+    assert gc_before["buckets"] == [(0.001, 10.0), (0.005, 10.0), (float("inf"), 11.0)]
+    assert gc_before["count"] == 11 and gc_before["sum"] == pytest.approx(0.032)
+    delta = histogram_delta(before_rows, after_rows)
+    gc_delta = delta["kefu_gc_pause_seconds"]
+    assert gc_delta["count"] == 21  # 20 young collections and one full one
+    assert gc_delta["mean"] == pytest.approx((0.004 + 0.06) / 21)
+    assert gc_delta["over_5ms"] == 1
+    lag = delta["kefu_event_loop_lag_seconds"]
+    assert lag["count"] == 4 and lag["over_5ms"] == 4 and lag["p50_le"] == float("inf")
+    # A server that does not answer (a relay) gives nothing, not an error.
+    assert scrape_histograms("http://127.0.0.1:9", timeout=2.0) == {}

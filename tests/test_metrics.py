@@ -688,3 +688,63 @@ def test_label_values_round_trip(pairs: list[tuple[str, str]], help_text: str) -
     }
     assert got == expected
     assert families(body)["kefu_p"] == ("counter", help_text)
+
+
+# -- the loop's lag and the collector's pauses ------------------------------------------------
+
+
+def test_loop_lag_monitor_sees_a_blocked_loop() -> None:
+    import asyncio
+
+    from kefu.metrics import LoopLagMonitor
+
+    seen: list[float] = []
+
+    async def main() -> None:
+        monitor = LoopLagMonitor(asyncio.get_running_loop(), seen.append, interval_s=0.01)
+        monitor.start()
+        monitor.start()  # a second start keeps the one timer
+        await asyncio.sleep(0.1)
+        quiet = list(seen)
+        time.sleep(0.08)  # the loop's thread busy: the due timer waits
+        await asyncio.sleep(0.03)
+        monitor.stop()
+        count = len(seen)
+        await asyncio.sleep(0.05)
+        assert len(seen) == count  # stopped: nothing more
+        assert len(quiet) >= 5 and min(quiet) < 0.01
+        assert max(seen) >= 0.06 and monitor.max_lag_s == max(seen)
+
+    asyncio.run(main())
+    with pytest.raises(ValueError):
+        LoopLagMonitor(None, seen.append, interval_s=0)
+
+
+def test_gc_pause_monitor_times_each_generation() -> None:
+    import gc
+
+    from kefu.metrics import GcPauseMonitor
+
+    seen: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    monitor = GcPauseMonitor([seen[0].append, seen[1].append, seen[2].append])
+    monitor.start()
+    monitor.start()  # registered once
+    try:
+        assert gc.callbacks.count(monitor._callback) == 1
+        junk = [[i] for i in range(200_000)]  # something for a full collection to walk
+        gc.collect(2)
+        gc.collect(1)
+        gc.collect(0)
+        del junk
+    finally:
+        monitor.stop()
+    assert monitor._callback not in gc.callbacks
+    assert len(seen[2]) >= 1 and len(seen[1]) >= 1 and len(seen[0]) >= 1
+    assert all(0 <= t < 5 for ts in seen.values() for t in ts)
+    assert max(seen[2]) > min(seen[0])  # walking 200,000 lists is not free
+    before = sum(len(ts) for ts in seen.values())
+    gc.collect(2)
+    assert sum(len(ts) for ts in seen.values()) == before  # stopped: not observed
+    monitor.stop()  # idempotent
+    with pytest.raises(ValueError):
+        GcPauseMonitor([seen[0].append])
