@@ -55,6 +55,15 @@ cdef inline uint64_t _fnv1a(const unsigned char* p, Py_ssize_t n) noexcept nogil
     return h
 
 
+cdef inline int _hash_pair(bytes key, uint64_t* h1, uint64_t* h2) except -1:
+    """The two hashes of ``key`` (module doc): probe ``i`` is bit ``h1 + i * h2``."""
+    if key is None:
+        raise TypeError("key must be bytes, not None")
+    h1[0] = _mix(_fnv1a(<const unsigned char*>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key)))
+    h2[0] = _mix(h1[0] ^ 0x9E3779B97F4A7C15ULL) | 1
+    return 0
+
+
 @cython.final
 cdef class BloomFilter:
     """``capacity`` keys at ``bits_per_key`` bits each (rounded up to a power of two bits)."""
@@ -116,11 +125,8 @@ cdef class BloomFilter:
 
     cpdef void add(self, bytes key):
         """Adds ``key``; counted once per call (a key added twice counts twice)."""
-        if key is None:
-            raise TypeError("key must be bytes, not None")
-        cdef uint64_t h1 = _mix(_fnv1a(<const unsigned char*>PyBytes_AS_STRING(key),
-                                       PyBytes_GET_SIZE(key)))
-        cdef uint64_t h2 = _mix(h1 ^ 0x9E3779B97F4A7C15ULL) | 1
+        cdef uint64_t h1, h2
+        _hash_pair(key, &h1, &h2)
         cdef uint64_t bit
         cdef int i
         for i in range(self._k):
@@ -130,11 +136,8 @@ cdef class BloomFilter:
 
     cpdef bint may_contain(self, bytes key):
         """``False``: ``key`` was never added. ``True``: it may have been."""
-        if key is None:
-            raise TypeError("key must be bytes, not None")
-        cdef uint64_t h1 = _mix(_fnv1a(<const unsigned char*>PyBytes_AS_STRING(key),
-                                       PyBytes_GET_SIZE(key)))
-        cdef uint64_t h2 = _mix(h1 ^ 0x9E3779B97F4A7C15ULL) | 1
+        cdef uint64_t h1, h2
+        _hash_pair(key, &h1, &h2)
         cdef uint64_t bit
         cdef int i
         for i in range(self._k):
