@@ -123,26 +123,30 @@ cdef class BloomFilter:
         """Whether ``capacity`` keys were added: past it false positives climb."""
         return self.count >= self.capacity
 
-    cpdef void add(self, bytes key):
-        """Adds ``key``; counted once per call (a key added twice counts twice)."""
+    cdef inline void _probes(self, bytes key, uint64_t* bits) except *:
+        """The ``_k`` bits of ``key`` (module doc: double hashing)."""
         cdef uint64_t h1, h2
         _hash_pair(key, &h1, &h2)
-        cdef uint64_t bit
         cdef int i
         for i in range(self._k):
-            bit = (h1 + <uint64_t>i * h2) & self._mask
-            self._words[bit >> 6] |= (1ULL << (bit & 63))
+            bits[i] = (h1 + <uint64_t>i * h2) & self._mask
+
+    cpdef void add(self, bytes key):
+        """Adds ``key``; counted once per call (a key added twice counts twice)."""
+        cdef uint64_t bits[16]
+        self._probes(key, bits)
+        cdef int i
+        for i in range(self._k):
+            self._words[bits[i] >> 6] |= (1ULL << (bits[i] & 63))
         self.count += 1
 
     cpdef bint may_contain(self, bytes key):
         """``False``: ``key`` was never added. ``True``: it may have been."""
-        cdef uint64_t h1, h2
-        _hash_pair(key, &h1, &h2)
-        cdef uint64_t bit
+        cdef uint64_t bits[16]
+        self._probes(key, bits)
         cdef int i
         for i in range(self._k):
-            bit = (h1 + <uint64_t>i * h2) & self._mask
-            if not (self._words[bit >> 6] >> (bit & 63)) & 1:
+            if not (self._words[bits[i] >> 6] >> (bits[i] & 63)) & 1:
                 return False
         return True
 
