@@ -57,7 +57,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import uvloop
@@ -120,6 +120,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--p99-ms", type=float, default=5.0, help="ramp: the latency bound")
     p.add_argument("--relay-only", action="store_true", help="relay: skip the kefu run")
     p.add_argument(
+        "--pin",
+        action="store_true",
+        help="with --spawn and one node: the server on the first CPU, the load generator on "
+        "the others (no core shared between them)",
+    )
+    p.add_argument(
         "--server-profile",
         metavar="FILE",
         help="with --spawn: `kefu serve --profile FILE` (node k of a cluster: FILE.k); "
@@ -154,7 +160,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--nodes > 1 spawns a cluster: not with --url nor the relay scenario")
     if args.scenario == "ramp" and args.step <= 1:
         p.error("--step must be above 1")
+    if args.pin and (args.url or args.nodes > 1 or len(_CPUS) < 2):
+        p.error("--pin needs --spawn, one node and at least 2 CPUs")
     return args
+
+
+#: The CPUs this process may use before ``--pin`` narrows them (a relay run sets up twice).
+_CPUS: Final = frozenset(os.sched_getaffinity(0))
+
+
+def pin_cpus() -> tuple[set[int], set[int]]:
+    """``--pin``: (the server's CPUs, the load generator's); this process, and so the workers
+    it starts, keeps to the second set from here on."""
+    cpus = set(_CPUS)
+    server = {min(cpus)}
+    clients = cpus - server
+    os.sched_setaffinity(0, clients)
+    return server, clients
 
 
 class Setup:
@@ -190,6 +212,10 @@ class Setup:
 
     def _start(self, args: argparse.Namespace, relay: bool) -> None:
         scenario = args.scenario
+        server_cpus: set[int] | None = None
+        if args.pin:
+            server_cpus, client_cpus = pin_cpus()
+            self.info["pinned"] = {"server": sorted(server_cpus), "clients": sorted(client_cpus)}
         self.bot = scenario == "bot"
         n = args.visitors
         nodes = self.nodes = args.nodes
@@ -220,7 +246,9 @@ class Setup:
         pids = [args.server_pid] if args.server_pid else []
         urls: list[tuple[str, str]] = []
         if relay:
-            server = SpawnedServer(connections=n + m, agent_tokens=[], conversations=n, relay=True)
+            server = SpawnedServer(
+                connections=n + m, agent_tokens=[], conversations=n, relay=True, cpus=server_cpus
+            )
             self.servers.append(server)
             tokens = [f"a:{j}" for j in range(m)]
         elif args.url:
@@ -245,6 +273,7 @@ class Setup:
                         cluster_url=self.redis.url if self.redis else None,
                         agent_chats=chats,
                         profile=profile,
+                        cpus=server_cpus,
                     )
                 )
             if self.redis is not None:
@@ -254,6 +283,11 @@ class Setup:
             pids = [s.pid for s in self.servers]
         self.http_url, self.ws_url = urls[0]
         self.node_http_urls = [u[0] for u in urls]
+        if "pinned" in self.info and self.servers:
+            # As the kernel holds it, for the report: every thread of the server on its CPU.
+            self.info["pinned"]["server_observed"] = sorted(
+                os.sched_getaffinity(self.servers[0].pid)
+            )
         self.samplers = [ProcessSampler(pid, self.t0_ns) for pid in pids]
         procs = procs_needed(n + m, args.procs)
         sources = source_addresses(self.ws_url, procs)

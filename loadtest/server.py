@@ -81,10 +81,12 @@ class SpawnedServer:
         cluster_url: str | None = None,
         agent_chats: list[int] | None = None,
         profile: str | None = None,
+        cpus: set[int] | None = None,
     ) -> None:
         """``agent_chats``: each agent's ``max_chats`` (default: the conversations spread
         evenly, at most :data:`MAX_CHATS`); ``cluster_url``: join the cluster of that Redis;
-        ``profile``: the node writes a cProfile of its run there when it stops."""
+        ``profile``: the node writes a cProfile of its run there when it stops; ``cpus``: the
+        process (every thread it starts) runs on those CPUs only."""
         self.dir = Path(tempfile.mkdtemp(prefix="kefu-loadtest-"))
         self.cluster_url = cluster_url
         self.agent_chats = agent_chats
@@ -102,8 +104,14 @@ class SpawnedServer:
                 cmd += ["--profile", str(Path(profile).resolve())]
         self.command = cmd
         self._stderr = open(self.dir / "stderr.log", "wb")  # noqa: SIM115 (closed in stop)
+        pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL, env=env
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            preexec_fn=pin,
         )
         self.pid = self.proc.pid
         self._terminated = False

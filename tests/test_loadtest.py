@@ -80,6 +80,43 @@ def test_chat_accounts_for_every_message(tmp_path: Path) -> None:
     assert res["delivered_per_s"] > 0
     assert res["server_cpu_rss"]["rss_max_bytes"] > 0
     assert res["server_exit_code"] == 0  # stopped with SIGTERM, exited cleanly
+    # The server's own view over the traffic, read from its /metrics.
+    internal = res["server_internal"]
+    acc = res["accounting"]
+    received = internal["kefu_message_received_to_delivered_seconds"]["count"]
+    assert received == acc["sent_by_visitors"] + acc["sent_by_agents"]  # both sides' sends
+    assert internal["kefu_event_loop_lag_seconds"]["count"] >= 10  # 20 samples a second
+    assert "pinned" not in res
+
+
+def test_pin_puts_the_server_and_the_load_generator_on_their_own_cpus(tmp_path: Path) -> None:
+    import os
+
+    cpus = sorted(os.sched_getaffinity(0))
+    proc, report = _run(
+        tmp_path,
+        *["chat", "--visitors", "10", "--rate", "100", "--duration", "1", "--pin"],
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    pinned = report["result"]["pinned"]
+    assert pinned["server"] == pinned["server_observed"] == cpus[:1]
+    assert pinned["clients"] == cpus[1:]
+    assert "pinned" in proc.stdout
+    # relay sets up twice in one process (kefu, then the relay): both pinned alike.
+    proc, report = _run(
+        tmp_path / "relay",
+        *["relay", "--visitors", "10", "--rate", "100", "--duration", "1", "--pin"],
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    bad = subprocess.run(
+        [sys.executable, "-m", "loadtest", "chat", "--spawn", "--nodes", "2", "--pin"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        stdin=subprocess.DEVNULL,
+    )
+    assert bad.returncode == 2 and "--pin needs --spawn, one node" in bad.stderr
 
 
 def test_storm_resumes_everyone_without_loss(tmp_path: Path) -> None:
