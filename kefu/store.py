@@ -529,9 +529,9 @@ class GroupCommitWriter:
 
     def submit_message_then(self, ops: list[Op], nbytes: int, done: Done) -> None:
         """``submit_then`` of one message's ops (``_message_ops``: its key, then its dedup key
-        if it has one) of ``nbytes`` bytes: the per-message path, with ``_enter``'s steps for
-        the common case inline. Anything else (a failure, the first write of a burst, a full
-        budget) goes through ``_enter``, which raises or enqueues as for any write."""
+        if it has one) of ``nbytes`` bytes, counted by the caller: the per-message path, whose
+        checks pass in one test in the common case. Anything else (a failure, the first write
+        of a burst, a full budget) goes through ``_enter``, which raises or enqueues."""
         if (
             self._failure is not None
             or self._closed
@@ -541,21 +541,7 @@ class GroupCommitWriter:
         ):
             self._enter(ops, 1, done)
             return
-        serial = self._serial = self._serial + 1
-        pending = self._pending
-        if not pending.put(_Entry(ops, nbytes, 1, done, serial), nbytes):
-            self.busy_rejections += 1
-            raise StoreBusy("the pending queue is full")
-        self.unacked_count += 1
-        self.unacked_bytes += nbytes
-        if len(ops) > 1:
-            key, value = ops[1]
-            self._overlay[key] = (value, serial)
-        if len(pending) >= self.batch_max_entries or pending.nbytes >= self.batch_max_bytes:
-            self._flush()
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._on_tick)  # type: ignore[union-attr]  # set: in flight
+        self._admit(ops, nbytes, 1, done)
 
     def _enter(self, ops: list[Op], messages: int, done: Done | None) -> Any:
         if self._failure is not None:
@@ -587,28 +573,32 @@ class GroupCommitWriter:
             raise StoreBusy(
                 f"{self.unacked_count} writes ({self.unacked_bytes} bytes) are not yet durable"
             )
-        self._serial += 1
         waiter = loop.create_future() if done is None else done
-        entry = _Entry(ops, nbytes, messages, waiter, self._serial)
-        if not self._pending.put(entry, nbytes):  # only if the queue's bounds were lowered
+        self._admit(ops, nbytes, messages, waiter)
+        return waiter
+
+    def _admit(
+        self, ops: list[Op], nbytes: int, messages: int, waiter: asyncio.Future[None] | Done
+    ) -> None:
+        """Enqueue a write that passed the checks: its entry queued and counted, its keys
+        overlaid, then the batch flushed if full, else a flush scheduled (``_loop`` is set)."""
+        serial = self._serial = self._serial + 1
+        pending = self._pending
+        if not pending.put(_Entry(ops, nbytes, messages, waiter, serial), nbytes):
+            # Only if the queue's bounds were lowered.
             self.busy_rejections += 1
             raise StoreBusy("the pending queue is full")
         self.unacked_count += 1
         self.unacked_bytes += nbytes
         overlay = self._overlay
-        serial = self._serial
         for key, value in ops:
             if key[0] != _MESSAGE_BYTE:
                 overlay[key] = (value, serial)
-        if (
-            len(self._pending) >= self.batch_max_entries
-            or self._pending.nbytes >= self.batch_max_bytes
-        ):
+        if len(pending) >= self.batch_max_entries or pending.nbytes >= self.batch_max_bytes:
             self._flush()
         elif not self._flush_scheduled:
             self._flush_scheduled = True
-            loop.call_soon(self._on_tick)
-        return waiter
+            self._loop.call_soon(self._on_tick)  # type: ignore[union-attr]  # set by _enter
 
     # -- write ---------------------------------------------------------------------------------
 
@@ -1272,11 +1262,7 @@ class Store:
         """``append_message`` without a future: ``done(None)`` once durable, ``done(error)``
         if the write fails. Raises as ``append_message`` does, and then never calls ``done``."""
         ops, nbytes = _message_ops(msg, self._looked_up)
-        flt = self._dedup_filter  # _note_dedup, inline: every message is here
-        if flt is not None and len(ops) > 1:
-            flt.add(ops[1][0])
-            if flt.full:
-                self._drop_dedup_filter()
+        self._note_dedup(ops)
         self.writer.submit_message_then(ops, nbytes, done)
 
     def put_conversation(self, conv: StoredConversation) -> asyncio.Future[None]:
