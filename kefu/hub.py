@@ -122,6 +122,10 @@ class Hub:
         self.ring_capacity = ring_capacity
         self._conns: dict[Principal, set[Connection]] = {}
         self._registered: dict[Connection, Principal] = {}
+        #: role -> its principals' connection sets (the same sets as ``_conns``): a role's
+        #: broadcast (``send_role``) visits that role's principals, not every connected one.
+        self._by_role: dict[str, dict[Principal, set[Connection]]] = {}
+        self._role_connections: dict[str, int] = {}
         self._rings: OrderedDict[int, RingBuffer] = OrderedDict()
         self.rings_dropped = 0
         self.replayed_from_ring = 0
@@ -131,12 +135,20 @@ class Hub:
 
     def register(self, conn: Connection, key: Principal) -> bool:
         """Add ``conn`` as ``key``; True when it is the principal's first live connection."""
+        old = self._registered.get(conn)
+        if old == key:
+            return False
+        if old is not None:
+            self.unregister(conn)  # one principal per connection
         conns = self._conns.get(key)
         first = conns is None
         if conns is None:
             conns = self._conns[key] = set()
+            self._by_role.setdefault(key[0], {})[key] = conns
         conns.add(conn)
         self._registered[conn] = key
+        role_connections = self._role_connections
+        role_connections[key[0]] = role_connections.get(key[0], 0) + 1
         return first
 
     def unregister(self, conn: Connection) -> tuple[Principal, bool] | None:
@@ -145,6 +157,7 @@ class Hub:
         key = self._registered.pop(conn, None)
         if key is None:
             return None
+        self._role_connections[key[0]] -= 1
         conns = self._conns.get(key)
         if conns is None:
             return key, True
@@ -152,6 +165,10 @@ class Hub:
         if conns:
             return key, False
         del self._conns[key]
+        of_role = self._by_role[key[0]]
+        del of_role[key]
+        if not of_role:
+            del self._by_role[key[0]]
         return key, True
 
     def key_of(self, conn: Connection) -> Principal | None:
@@ -200,9 +217,10 @@ class Hub:
 
     def send_role(self, role: str, frames: Iterable[object]) -> None:
         """Each of ``frames`` to every connection of every principal of ``role``."""
-        targets = [conns for (r, _), conns in self._conns.items() if r == role]
-        if not targets:
+        of_role = self._by_role.get(role)
+        if not of_role:
             return
+        targets = list(of_role.values())
         for frame in frames:
             encoded = frame if isinstance(frame, Encoded) else Encoded(frame)
             for conns in targets:
@@ -256,9 +274,7 @@ class Hub:
         return RING_OVERHEAD_BYTES + texts + len(msgs) * MSG_OVERHEAD_BYTES
 
     def stats(self) -> dict[str, int]:
-        by_role: dict[str, int] = {}
-        for (role, _), conns in self._conns.items():
-            by_role[role] = by_role.get(role, 0) + len(conns)
+        by_role = self._role_connections
         return {
             "principals": len(self._conns),
             "visitor_connections": by_role.get("visitor", 0),

@@ -1,9 +1,9 @@
 """Shared test wiring.
 
 Every ``_core`` module is tested through one suite run over both implementations: the fixtures
-``ringbuf_impl``, ``mq_impl``, ``router_impl``, ``tfidf_impl`` and ``bloom_impl`` are
-parametrized with ids such as ``py-ringbuf`` and ``c-ringbuf``. Tests that compare the two
-directly take ``ringbuf_pair`` (and so on), a ``(py, c)`` tuple.
+``ringbuf_impl``, ``mq_impl``, ``router_impl``, ``tfidf_impl``, ``bloom_impl`` and
+``meters_impl`` are parametrized with ids such as ``py-ringbuf`` and ``c-ringbuf``. Tests that
+compare the two directly take ``ringbuf_pair`` (and so on), a ``(py, c)`` tuple.
 
 A checkout whose extensions are not built is an error, not a silent pure-Python run, unless the
 build was asked to be pure Python with ``KEFU_NO_EXTENSIONS=1``; then the ``c-`` cases and the
@@ -90,6 +90,17 @@ def bloom_impl(request: pytest.FixtureRequest) -> ModuleType:
 def bloom_pair(request: pytest.FixtureRequest) -> tuple[ModuleType, ModuleType]:
     py, c = request.param
     return py, _resolve("bloom", c)
+
+
+@pytest.fixture(scope="session", params=_params("meters"))
+def meters_impl(request: pytest.FixtureRequest) -> ModuleType:
+    return _resolve("meters", request.param)
+
+
+@pytest.fixture(scope="session", params=_pair("meters"))
+def meters_pair(request: pytest.FixtureRequest) -> tuple[ModuleType, ModuleType]:
+    py, c = request.param
+    return py, _resolve("meters", c)
 
 
 @pytest.fixture(scope="session", params=_pair("ringbuf"))

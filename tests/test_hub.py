@@ -50,6 +50,39 @@ def test_register_and_unregister_track_first_and_last() -> None:
     assert hub.stats()["principals"] == 0
 
 
+def test_send_role_reaches_every_connection_of_the_role_through_churn() -> None:
+    hub = Hub()
+    frame = TypingRelay(conv="00000000000000aa", from_=Sender(role="agent", id="a", name="a"))
+    visitors = [conn() for _ in range(50)]
+    for i, v in enumerate(visitors):
+        hub.register(v, ("visitor", f"v{i}"))
+    alice1, alice2, bob, carol = conn(), conn(), conn(), conn()
+    hub.register(alice1, ("agent", "alice"))
+    hub.register(alice2, ("agent", "alice"))
+    hub.register(bob, ("agent", "bob"))
+    hub.register(carol, ("agent", "carol"))
+    assert hub.register(bob, ("agent", "bob")) is False  # again: counted once
+    hub.unregister(carol)
+    hub.unregister(visitors[0])
+    hub.send_role("agent", [frame, frame])
+    assert [len(c.got) for c in (alice1, alice2, bob, carol)] == [2, 2, 2, 0]
+    assert all(v.got == [] for v in visitors)
+    stats = hub.stats()
+    assert (stats["agent_connections"], stats["visitor_connections"]) == (3, 49)
+    # a connection that re-registers as someone else leaves its first principal
+    hub.register(alice2, ("agent", "dave"))
+    assert hub.connections(("agent", "alice")) == [alice1]
+    hub.unregister(alice1)
+    hub.unregister(alice2)
+    hub.unregister(bob)
+    hub.send_role("agent", [frame])  # no agent left: nothing sent, nothing raised
+    assert [len(c.got) for c in (alice1, alice2, bob)] == [2, 2, 2]
+    assert hub.stats()["agent_connections"] == 0 and hub.stats()["principals"] == 49
+    for v in visitors[1:]:
+        hub.unregister(v)
+    assert hub.stats() == Hub().stats()  # nothing kept for roles gone
+
+
 def test_fan_out_encodes_once_per_encoding(monkeypatch: Any) -> None:
     import kefu.hub as hub_module
 

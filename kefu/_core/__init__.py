@@ -16,7 +16,7 @@ import importlib
 import os
 from types import ModuleType
 
-from kefu._core import _bloom_py, _mq_py, _ringbuf_py, _router_py, _tfidf_py
+from kefu._core import _bloom_py, _meters_py, _mq_py, _ringbuf_py, _router_py, _tfidf_py
 
 __all__ = [
     "MODULES",
@@ -24,13 +24,14 @@ __all__ = [
     "USING_EXTENSIONS",
     "bloom",
     "implementations",
+    "meters",
     "mq",
     "ringbuf",
     "router",
     "tfidf",
 ]
 
-MODULES = ("ringbuf", "mq", "router", "tfidf", "bloom")
+MODULES = ("ringbuf", "mq", "router", "tfidf", "bloom", "meters")
 
 NO_EXTENSIONS = os.environ.get("KEFU_NO_EXTENSIONS", "").strip().lower() not in (
     "",
@@ -45,6 +46,7 @@ mq: ModuleType = _mq_py
 router: ModuleType = _router_py
 tfidf: ModuleType = _tfidf_py
 bloom: ModuleType = _bloom_py
+meters: ModuleType = _meters_py
 USING_EXTENSIONS = False
 
 
@@ -62,7 +64,7 @@ def _import_compiled(name: str) -> ModuleType | None:
 if not NO_EXTENSIONS:
     _compiled = [_import_compiled(name) for name in MODULES]
     if all(m is not None for m in _compiled):
-        ringbuf, mq, router, tfidf, bloom = (m for m in _compiled if m is not None)
+        ringbuf, mq, router, tfidf, bloom, meters = (m for m in _compiled if m is not None)
         USING_EXTENSIONS = True
     del _compiled
 

@@ -70,8 +70,9 @@ import ipaddress
 import math
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
+from kefu import _core
 from kefu.config import LimitsConfig, RateConfig
 from kefu.errors import KefuError
 
@@ -89,55 +90,12 @@ __all__ = [
 MIN_RETRY_AFTER_S: Final = 1
 
 
-class TokenBucket:
-    """``burst`` commands at once, refilled at ``per_second``; starts full.
-
-    The caller passes the time (``loop.time()``, a monotonic clock) so that one clock read
-    serves every check of a frame and tests can drive the bucket without sleeping.
-    """
-
-    __slots__ = ("_last", "_tokens", "burst", "per_second")
-
-    def __init__(self, per_second: float, burst: int, now: float) -> None:
-        if per_second <= 0 or burst < 1:
-            raise ValueError("per_second must be > 0 and burst >= 1")
-        self.per_second = per_second
-        self.burst = burst
-        self._tokens = float(burst)
-        self._last = now
-
-    def take(self, now: float) -> bool:
-        """Spends one token; ``False`` (nothing spent) when the bucket is empty."""
-        tokens = self._tokens + (now - self._last) * self.per_second
-        self._last = now
-        if tokens > self.burst:
-            tokens = float(self.burst)
-        if tokens >= 1.0:
-            self._tokens = tokens - 1.0
-            return True
-        self._tokens = tokens
-        return False
-
-    def refill(self, now: float) -> float:
-        """Brings the bucket to ``now`` without spending; the tokens it holds."""
-        tokens = self._tokens + (now - self._last) * self.per_second
-        self._last = now
-        self._tokens = tokens if tokens < self.burst else float(self.burst)
-        return self._tokens
-
-    def give_back(self) -> None:
-        """Returns the token of the last :meth:`take` (a call refused by another bucket)."""
-        self._tokens = min(self._tokens + 1.0, float(self.burst))
-
-    def wait_s(self) -> float:
-        """Seconds from the last refill until one token is there (0 when one is)."""
-        missing = 1.0 - self._tokens
-        return missing / self.per_second if missing > 0 else 0.0
-
-    @property
-    def tokens(self) -> float:
-        """Tokens left at the last :meth:`take` (without the refill since)."""
-        return self._tokens
+if TYPE_CHECKING:
+    from kefu._core.meters import TokenBucket
+else:
+    #: ``burst`` commands at once, refilled at ``per_second``, starting full; the caller
+    #: passes the time. Compiled (``kefu._core.meters``) unless the extensions are off.
+    TokenBucket = _core.meters.TokenBucket
 
 
 def take_all(buckets: Sequence[TokenBucket | None], now: float) -> float:
