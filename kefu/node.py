@@ -588,6 +588,7 @@ class Node:
             dedup_filter_keys=sc.dedup_filter_keys,
         )
         store.writer.on_batch = self._observe_batch
+        store.writer.after_ack = self._flush_writes
         store.start_dedup_filter(self._loop)
         try:
             for a in cfg.agents:
@@ -2579,6 +2580,11 @@ class Node:
             ts=now,
             meta=meta,
         )
+
+    def _flush_writes(self) -> None:
+        """A group commit's acks and deliveries go out now, not a loop turn later."""
+        if self.ws is not None:
+            self.ws.flush_writes()
 
     def _landed(self, conv: int, seq: int) -> None:
         """``seq``'s write was answered: later resumes may replay it. Writes of a conversation

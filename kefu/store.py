@@ -489,6 +489,9 @@ class GroupCommitWriter:
         # Called after each batch with (messages, seconds): the node's histograms of batch
         # size and write time (the counters above only keep the last and the largest).
         self.on_batch: Callable[[int, float], None] | None = None
+        # Called once a batch's callbacks have all run (the messages acked and delivered):
+        # the node writes the frames they produced now (kefu.web.ws.WsServer.flush_writes).
+        self.after_ack: Callable[[], None] | None = None
         self.syncs = 0
         self.last_sync_us = 0.0
         self.busy_rejections = 0
@@ -666,6 +669,11 @@ class GroupCommitWriter:
             self.unacked_count -= 1
             self.unacked_bytes -= entry.nbytes
             _resolve(entry.future, None)
+        if entries and self.after_ack is not None:
+            try:
+                self.after_ack()
+            except Exception:
+                log.exception("after_ack failed")
 
     # -- fsync ---------------------------------------------------------------------------------
 

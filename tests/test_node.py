@@ -126,6 +126,40 @@ def test_visitor_and_agent_talk(tmp_path: Path) -> None:
     run(body)
 
 
+def test_the_store_answer_writes_the_ack_and_delivery_at_once(tmp_path: Path) -> None:
+    """The ack and the agent's ``msg`` leave from the group commit's answer (flush_writes),
+    not from a callback of the loop's next turn."""
+
+    async def body() -> None:
+        node = Node(make_config(tmp_path))
+        await node.start()
+        try:
+            agent, visitor, conv = await chat_with_agent(node)
+            ws = node.ws
+            assert ws is not None
+            written: list[int] = []
+            flush = ws.flush_writes
+
+            def spy() -> None:
+                before = ws.batches_written
+                flush()
+                written.append(ws.batches_written - before)
+
+            ws.flush_writes = spy  # type: ignore[method-assign]
+            ack = await say(visitor, conv, "c1", "hello")
+            assert ack["seq"] == 1
+            assert (await recv(agent, "msg"))["text"] == "hello"
+            # The send's batch: the visitor's ack and the agent's msg, one write each (a
+            # later batch of the node's own records writes nothing).
+            assert written[0] == 2 and sum(written) == 2
+            await agent.close()
+            await visitor.close()
+        finally:
+            await node.stop()
+
+    run(body)
+
+
 def test_duplicate_client_msg_id(tmp_path: Path) -> None:
     async def body() -> None:
         node = Node(make_config(tmp_path))

@@ -8,6 +8,7 @@ each loop runs its ready callbacks.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import signal
@@ -318,6 +319,40 @@ def test_appends_across_ticks_make_batches_and_acks_keep_order(
     run(main(), loop_factory)
     assert store.writer.batches_written >= 2
     assert acked == list(range(1, 501))
+
+
+@pytest.mark.parametrize("durability", ["process", "fsync"])
+def test_after_ack_runs_once_a_batch_is_answered(
+    db_path: str, durability: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    answered: list[int] = []
+    seen: list[list[int]] = []
+    with Store.open(db_path, durability=durability) as s:
+
+        def after_ack() -> None:
+            seen.append(list(answered))
+            if len(seen) == 2:
+                raise RuntimeError("after_ack broke")
+
+        s.writer.after_ack = after_ack
+
+        async def main() -> None:
+            for seq in range(1, 4):
+                s.append_message_then(message(40, seq), lambda exc, seq=seq: answered.append(seq))
+            await s.barrier()
+            for seq in range(4, 6):
+                s.append_message_then(message(40, seq), lambda exc, seq=seq: answered.append(seq))
+            await s.barrier()
+            # A failing hook is logged; the writer goes on.
+            await s.append_message(message(40, 6))
+
+        with caplog.at_level(logging.ERROR, logger="kefu.store"):
+            run(main())
+    assert answered == [1, 2, 3, 4, 5]
+    assert seen[:2] == [[1, 2, 3], [1, 2, 3, 4, 5]]  # after every callback of its batch
+    assert len(seen) == 3 and "after_ack failed" in caplog.text
+    with Store.open(db_path) as s:
+        assert all_seqs(s, 40) == [1, 2, 3, 4, 5, 6]
 
 
 def test_batch_is_cut_at_batch_max_entries(db_path: str) -> None:

@@ -40,6 +40,8 @@ class StubHandler:
         self.unwelcomed: list[int] = []
         self.flood_result: tuple[int, bool] | None = None
         self.max_queued = 0
+        self.server: WsServer | None = None  # set by a test that calls the server back
+        self.flushed: list[int] = []
 
     async def authenticate(self, conn: Connection, hello: Hello) -> Welcome:
         await asyncio.sleep(0.3 if hello.token == "slow" else 0)
@@ -65,6 +67,18 @@ class StubHandler:
                 # more small ones, all collected into one write.
                 for i, size in enumerate(SIZES):
                     conn.send(Send(conv=CONV, client_msg_id=str(i), text="z" * size))
+                return
+            if frame.text == "flush now" and self.server is not None:
+                # Frames of this turn, then flush_writes: written before it returns.
+                server = self.server
+                for i, size in enumerate(SIZES):
+                    conn.send(Send(conv=CONV, client_msg_id=str(i), text="z" * size))
+                before = server.batches_written
+                server.flush_writes()
+                self.flushed.append(server.batches_written - before)
+                await asyncio.sleep(0)  # the turn's end: nothing is left to write
+                await asyncio.sleep(0)
+                self.flushed.append(server.batches_written - before)
                 return
             if frame.text == "sleep":
                 await asyncio.sleep(0.3)
@@ -647,6 +661,26 @@ def test_raise_nofile_limit() -> None:
         raise ValueError("no")
 
     assert raise_nofile_limit(lambda _: (1024, resource.RLIM_INFINITY), refuse) == 1024
+
+
+def test_flush_writes_writes_a_turns_frames_before_it_returns() -> None:
+    async def body() -> None:
+        async with serving(max_msg_bytes=256 << 10) as (server, handler, url):
+            handler.server = server
+            ws = await connect(url, max_size=1 << 20)
+            await ws.send(HELLO)
+            await asyncio.wait_for(ws.recv(), 2.0)
+            await ws.send(send_frame("flush now"))
+            got = [msgspec.json.decode(await asyncio.wait_for(ws.recv(), 2.0)) for _ in SIZES]
+            assert [(g["client_msg_id"], len(g["text"])) for g in got] == [
+                (str(i), n) for i, n in enumerate(SIZES)
+            ]
+            # One write for them all, made inside flush_writes; the end of the turn found
+            # nothing more to write.
+            assert handler.flushed == [1, 1]
+            await ws.close()
+
+    run(body)
 
 
 @pytest.mark.parametrize("subprotocol", [None, "kefu.msgpack"])

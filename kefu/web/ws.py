@@ -50,6 +50,10 @@ Decisions
   otherwise cost one ``send`` system call per frame: on loopback that call was a third of the
   server's time under load. A single frame goes out through picows as before; a batch that
   reaches :data:`BATCH_FLUSH_BYTES` is written at once; a close writes what is waiting first.
+  A group commit's answers are written as soon as the batch's callbacks have run
+  (:meth:`WsServer.flush_writes`): its write runs from a callback, and a callback's
+  ``call_soon`` waits for the loop's next turn, after the next poll has read (and handled)
+  every socket that is ready; the acks of a busy node would wait that long.
 - **Slow consumer**: frames go straight to the transport while it takes them. When its buffer
   passes :data:`TRANSPORT_HIGH_WATER` (picows forwards ``pause_writing``), frames wait in the
   connection's ``OutboundQueue`` until ``resume_writing``; a push past
@@ -1012,10 +1016,14 @@ class WsServer:
         """``conn`` started a batch this turn: write it at the end of the turn."""
         dirty = self._dirty
         if not dirty:
-            self._loop.call_soon(self._flush_batches)
+            self._loop.call_soon(self.flush_writes)
         dirty.append(conn)
 
-    def _flush_batches(self) -> None:
+    def flush_writes(self) -> None:
+        """Write every connection's waiting frames now (one write each), rather than at the
+        end of the turn; the end of the turn then writes only what comes after. The node
+        calls it when a group commit's answers have all been sent (module doc, "Write
+        coalescing")."""
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             conn._flush_batch()
