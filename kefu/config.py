@@ -380,6 +380,9 @@ class StoreConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True)
     #: Dedup keys the store's in-memory filter holds (10 bits each; 0: none); past it every
     #: dedup check reads RocksDB (kefu.store, "Dedup filter").
     dedup_filter_keys: Annotated[int, Meta(ge=0, le=1 << 32)] = 4_000_000
+    #: The nice value of RocksDB's flush and compaction threads (0: left as they are): they
+    #: yield the CPU to the event loop (kefu.store, "Background work").
+    background_nice: Annotated[int, Meta(ge=0, le=19)] = 10
 
 
 class IdentityConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

@@ -586,6 +586,7 @@ class Node:
             block_cache_bytes=sc.block_cache_bytes,
             write_buffer_bytes=sc.write_buffer_bytes,
             dedup_filter_keys=sc.dedup_filter_keys,
+            background_nice=sc.background_nice,
         )
         store.writer.on_batch = self._observe_batch
         store.writer.after_ack = self._flush_writes

@@ -1053,3 +1053,50 @@ def test_process_durability_survives_kill_9(tmp_path: Path, round_: int) -> None
         top = present[-1]
         assert s.get_dedup(7, f"c{top}") == top  # dedup keys rode with their messages
         assert s.get_dedup(7, f"c{top + 1}") is None
+
+
+_NICE_CHILD = textwrap.dedent(
+    """
+    import os, sys
+    from kefu.store import Store
+
+    def nices():
+        out = {}
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/comm") as f:
+                name = f.read().strip()
+            out[int(task)] = (name, os.getpriority(os.PRIO_PROCESS, int(task)))
+        return out
+
+    with Store.open(sys.argv[1] + "/off", background_nice=0):
+        print("off", sorted(set(nice for _, nice in nices().values())))
+    with Store.open(sys.argv[1] + "/on", background_nice=int(sys.argv[2])):
+        for tid, (name, nice) in sorted(nices().items()):
+            print("on", "main" if tid == os.getpid() else name, nice)
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread priorities: Linux")
+def test_rocksdb_background_threads_yield_to_the_loop(tmp_path: Path) -> None:
+    """``background_nice`` lowers the priority of RocksDB's flush and compaction threads only
+    (a fresh process: the thread pool is the process's)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run_ = subprocess.run(
+        [sys.executable, "-c", _NICE_CHILD, str(tmp_path), "7"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=60,
+    )
+    assert run_.returncode == 0, run_.stderr
+    lines = run_.stdout.splitlines()
+    assert lines[0] == "off [0]"  # nothing changed with 0
+    on = [line.split() for line in lines[1:]]
+    rocksdb = [int(nice) for _, name, nice in on if name.startswith("rocksdb:")]
+    others = [int(nice) for _, name, nice in on if not name.startswith("rocksdb:")]
+    assert len(rocksdb) >= 2 and set(rocksdb) == {7}  # at least a flush and a compaction thread
+    assert others and set(others) == {0}  # the loop's thread (and any other) untouched
+    with pytest.raises(ValueError, match="background_nice"):
+        Store.open(str(tmp_path / "bad"), background_nice=20)
