@@ -630,6 +630,33 @@ def test_server_ping_without_pong_closes() -> None:
     run(t)
 
 
+def test_server_pings_only_a_connection_it_has_not_heard_from() -> None:
+    async def t() -> None:
+        async with serving(ping_interval_s=0.25, pong_timeout_s=5.0) as (_server, _, url):
+            raw = await RawClient.open(url)
+            await raw.hello()
+            # Talking every 0.1 s for 1.2 s: no ping, only the answers to what it sent.
+            ops: list[int] = []
+            for _ in range(12):
+                raw.send(1, b'{"type":"ping"}')
+                await asyncio.sleep(0.1)
+            deadline = asyncio.get_running_loop().time() + 0.05
+            while (left := deadline - asyncio.get_running_loop().time()) > 0:
+                try:
+                    op, _ = await asyncio.wait_for(raw.read_frame(), left)
+                except TimeoutError:
+                    break
+                ops.append(op)
+            assert 9 not in ops and ops.count(1) >= 12  # text pongs, no WS ping
+            # Silent: pinged within two intervals.
+            op = 1
+            while op == 1:
+                op, _ = await asyncio.wait_for(raw.read_frame(), 1.0)
+            assert op == 9
+
+    run(t)
+
+
 def test_graceful_stop_closes_every_client_1001() -> None:
     async def t() -> None:
         config = WsConfig(port=0)
