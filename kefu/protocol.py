@@ -220,7 +220,8 @@ _CONV_ID_RE: Final = re.compile(CONV_ID_PATTERN)
 
 # Each pattern is one call into Python's re per decoded value: measured on a typical `send`
 # frame, decoding takes 0.16 us with neither of the patterns below and 0.87 us with both. The
-# price buys validation in one place, at the edge, before any handler sees the frame.
+# price buys validation in one place, at the edge, before any handler sees the frame; `Send`,
+# the frame of every message, checks the same patterns itself for less (its doc).
 ConvId: TypeAlias = Annotated[
     str,
     Meta(
@@ -230,12 +231,13 @@ ConvId: TypeAlias = Annotated[
         description="16 lowercase hex digits",
     ),
 ]
+CLIENT_MSG_ID_PATTERN: Final = "^[ -~]+" + PATTERN_END
 ClientMsgId: TypeAlias = Annotated[
     str,
     Meta(
         min_length=1,
         max_length=MAX_CLIENT_MSG_ID_CHARS,
-        pattern="^[ -~]+" + PATTERN_END,
+        pattern=CLIENT_MSG_ID_PATTERN,
         description="1 to 64 printable ASCII characters, unique per sender and conversation",
     ),
 ]
@@ -250,6 +252,15 @@ TEXT_PATTERN: Final = "^[^\\u0000-\\u0008" + _CONTROLS + "]*$"
 LINE_PATTERN: Final = "^[^\\u0000-\\u001f\\u007f-\\u009f\\ufffe\\uffff]*" + PATTERN_END
 _NO_CONTROLS: Final = "text without control characters (tab, LF and CR allowed)"
 _ONE_LINE: Final = "one line of text without control characters"
+_TEXT_RE: Final = re.compile(TEXT_PATTERN)
+_HEX_DIGITS: Final = "0123456789abcdef"
+
+
+def _pattern_error(pattern: str, field: str) -> str:
+    """msgspec's message for a top-level frame's field that does not match ``pattern``."""
+    return f"Expected `str` matching regex {pattern!r} - at `$.{field}`"
+
+
 Text: TypeAlias = Annotated[
     str,
     Meta(min_length=1, max_length=MAX_TEXT_CHARS, pattern=TEXT_PATTERN, description=_NO_CONTROLS),
@@ -332,9 +343,27 @@ class Hello(_Frame, tag="hello", kw_only=True):
 
 
 class Send(_Frame, tag="send", kw_only=True):
-    conv: ConvId
-    client_msg_id: ClientMsgId
-    text: Text
+    """Every message comes in as one of these: its fields' patterns (those of ``ConvId``,
+    ``ClientMsgId`` and ``Text``) are checked by ``__post_init__`` with ``str`` methods, not by
+    msgspec, whose check is a call into ``re`` per field: decoding a typical ``send`` took 1.39
+    µs that way and takes 0.54 µs this way. The answer, and the error (``__post_init__`` raises
+    msgspec's own message, with the field's path), are the same; a text with a tab, a newline or
+    a character Python does not print is checked by the pattern itself."""
+
+    conv: Annotated[str, Meta(min_length=16, max_length=16)]
+    client_msg_id: Annotated[str, Meta(min_length=1, max_length=MAX_CLIENT_MSG_ID_CHARS)]
+    text: Annotated[str, Meta(min_length=1, max_length=MAX_TEXT_CHARS)]
+
+    def __post_init__(self) -> None:
+        if self.conv.strip(_HEX_DIGITS):  # not all of it lowercase hex
+            raise ValueError(_pattern_error(CONV_ID_PATTERN, "conv"))
+        cmid = self.client_msg_id
+        if not (cmid.isascii() and cmid.isprintable()):  # exactly U+0020 to U+007E
+            raise ValueError(_pattern_error(CLIENT_MSG_ID_PATTERN, "client_msg_id"))
+        # Printable: no Cc and no U+FFFE/U+FFFF (Cn), so TEXT_PATTERN holds; else it decides.
+        text = self.text
+        if not text.isprintable() and _TEXT_RE.search(text) is None:
+            raise ValueError(_pattern_error(TEXT_PATTERN, "text"))
 
 
 class Typing(_Frame, tag="typing", kw_only=True):

@@ -719,3 +719,49 @@ def test_response_bodies_write_every_required_field() -> None:
         "status": "bot",
         "replies": [],
     }
+
+
+_SEND_ALPHABET = st.characters(codec="utf-8") | st.sampled_from(
+    [
+        *("\t", "\n", "\r", "\x00", "\x07", "\x0b", "\x1f", "\x7f", "\x85", "\x9f"),
+        *("\ufffe", "\uffff", "\u00a0", "\u2028", "\u200d", "a", "F", "0", " ", "~", "é", "你"),
+    ]
+)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    conv=st.text(alphabet="0123456789abcdefABCDEFg ", min_size=16, max_size=16),
+    cmid=st.text(alphabet=_SEND_ALPHABET, min_size=1, max_size=8),
+    text=st.text(alphabet=_SEND_ALPHABET, min_size=1, max_size=12),
+    msgpack=st.booleans(),
+)
+def test_send_checks_exactly_the_patterns_of_its_fields(
+    conv: str, cmid: str, text: str, msgpack: bool
+) -> None:
+    """``Send`` checks ConvId's, ClientMsgId's and Text's patterns itself (its doc): a frame is
+    taken exactly when ``re`` says all three match, and refused with msgspec's message for the
+    first field that does not, as a patterned field would be."""
+    import re
+
+    patterns = [
+        ("conv", p.CONV_ID_PATTERN, conv),
+        ("client_msg_id", p.CLIENT_MSG_ID_PATTERN, cmid),
+        ("text", p.TEXT_PATTERN, text),
+    ]
+    failing = [(name, pat) for name, pat, value in patterns if re.search(pat, value) is None]
+    raw = {"type": "send", "conv": conv, "client_msg_id": cmid, "text": text}
+    data = msgspec.msgpack.encode(raw) if msgpack else msgspec.json.encode(raw)
+    decoder = p.FrameDecoder(msgpack=msgpack)
+    if not failing:
+        assert decoder.decode(data) == p.Send(conv=conv, client_msg_id=cmid, text=text)
+        return
+    with pytest.raises(p.ProtocolError) as caught:
+        decoder.decode(data)
+    name, pattern = failing[0]
+    assert caught.value.code == "invalid"
+    assert str(caught.value).endswith(f" - at `$.{name}`")
+    if name != "text":
+        assert str(caught.value) == f"Expected `str` matching regex {pattern!r} - at `$.{name}`"
+    else:
+        assert "without control characters" in str(caught.value)
