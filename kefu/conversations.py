@@ -246,6 +246,11 @@ def may_write(state: ConversationState, role: str, principal_id: str) -> bool:
 # The collection
 
 
+def metadata_chars(state: ConversationState) -> int:
+    """The characters of ``state``'s metadata, keys and values as text (set at creation)."""
+    return sum(len(k) + len(str(v)) for k, v in state.metadata.items())
+
+
 class Conversations:
     """Every open conversation of this node, plus the most recently closed ones."""
 
@@ -274,6 +279,9 @@ class Conversations:
         self._idle: dict[int, None] = {}  # open conversations, least recently active first
         self._clock = 0  # the latest time seen: activity times never go backwards
         self._counts: dict[str, int] = dict.fromkeys(OPEN_STATUSES, 0)
+        #: Characters of the open conversations' metadata (keys and values as text), kept
+        #: as they open and close: the node's memory gauge reads it without a walk.
+        self.open_metadata_chars = 0
         self.created_total = 0
         self.closed_total = 0
         self.expired_total = 0
@@ -535,11 +543,13 @@ class Conversations:
         self._open[state.id] = state
         self._idle[state.id] = None
         self._counts[state.status] += 1
+        self.open_metadata_chars += metadata_chars(state)
         if state.user_id is not None:
             self._by_user[state.user_id] = state.id
 
     def _drop_indexes(self, state: ConversationState) -> None:
         del self._idle[state.id]
         self._counts[state.status] -= 1
+        self.open_metadata_chars -= metadata_chars(state)
         if state.user_id is not None and self._by_user.get(state.user_id) == state.id:
             del self._by_user[state.user_id]

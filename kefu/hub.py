@@ -57,6 +57,11 @@ _JSON_ENCODE = msgspec.json.Encoder().encode
 _MSGPACK_DECODE = msgspec.msgpack.Decoder().decode
 
 
+def _utf8_len(text: str) -> int:
+    """Bytes of ``text`` in UTF-8 (lone surrogates, which msgspec refuses, as 3 each)."""
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 #: frame class -> its ``type`` (the frame classes are a fixed few; past the bound, not kept).
 _TAGS: dict[type, str] = {}
 _MAX_TAGS: Final = 256
@@ -128,6 +133,9 @@ class Hub:
         self._role_connections: dict[str, int] = {}
         self._rings: OrderedDict[int, RingBuffer] = OrderedDict()
         self.rings_dropped = 0
+        # Running totals over every ring (rings_bytes: a scrape must not walk the messages).
+        self.ring_messages = 0
+        self.ring_text_bytes = 0
         self.replayed_from_ring = 0
         self.replayed_from_store = 0
 
@@ -236,7 +244,7 @@ class Hub:
         if ring is None:
             ring = rings[conv] = _ringbuf.RingBuffer(self.ring_capacity, keyed=True)
             if len(rings) > self.max_rings:
-                rings.popitem(last=False)
+                self._uncount(rings.popitem(last=False)[1])
                 self.rings_dropped += 1
         else:
             rings.move_to_end(conv)
@@ -244,11 +252,27 @@ class Hub:
         if last is not None and msg.seq <= last:
             return  # acks resolved out of order: the ring starts later, resume reads the store
         if last is not None and msg.seq != last + 1:
+            self._uncount(ring)
             ring.clear()
+        if len(ring) == self.ring_capacity:  # the append evicts the oldest
+            old = ring[0].text
+            self.ring_text_bytes -= len(old) if old.isascii() else _utf8_len(old)
+        else:
+            self.ring_messages += 1
+        text = msg.text
+        self.ring_text_bytes += len(text) if text.isascii() else _utf8_len(text)
         ring.append(msg, msg.seq)
 
     def forget(self, conv: int) -> None:
-        self._rings.pop(conv, None)
+        ring = self._rings.pop(conv, None)
+        if ring is not None:
+            self._uncount(ring)
+
+    def _uncount(self, ring: RingBuffer) -> None:
+        """``ring`` leaves the running totals (dropped, forgotten or cleared)."""
+        msgs = cast("list[Msg]", ring.to_list())
+        self.ring_messages -= len(msgs)
+        self.ring_text_bytes -= sum(_utf8_len(m.text) for m in msgs)
 
     def missed(
         self, conv: int, last_seq: int, count: int, read_store: Callable[[int, int], list[Msg]]
@@ -270,8 +294,16 @@ class Hub:
         if ring is None:
             return 0
         msgs = cast("list[Msg]", ring.to_list())
-        texts = sum(len(m.text.encode("utf-8", "surrogatepass")) for m in msgs)
+        texts = sum(_utf8_len(m.text) for m in msgs)
         return RING_OVERHEAD_BYTES + texts + len(msgs) * MSG_OVERHEAD_BYTES
+
+    def rings_bytes(self) -> int:
+        """:meth:`ring_bytes` summed over every ring, from running totals: no ring is read."""
+        return (
+            RING_OVERHEAD_BYTES * len(self._rings)
+            + self.ring_text_bytes
+            + self.ring_messages * MSG_OVERHEAD_BYTES
+        )
 
     def stats(self) -> dict[str, int]:
         by_role = self._role_connections
@@ -282,6 +314,8 @@ class Hub:
             "rings": len(self._rings),
             "rings_max": self.max_rings,
             "rings_dropped_total": self.rings_dropped,
+            "ring_messages": self.ring_messages,
+            "ring_text_bytes": self.ring_text_bytes,
             "replayed_from_ring_total": self.replayed_from_ring,
             "replayed_from_store_total": self.replayed_from_store,
         }

@@ -283,6 +283,22 @@ def test_state_round_trips_through_the_stored_record() -> None:
         ConversationState.from_stored(_stored(1, status="lost"))
 
 
+def test_open_metadata_chars_follow_opens_and_closes() -> None:
+    convs = Conversations()
+    convs.create("v1", None, 1, conv_id=1, metadata={"page": "/cart", "n": 12})
+    convs.create("v2", None, 1, conv_id=2, metadata={"名": "张三"})
+    convs.create("v3", None, 1, conv_id=3)
+    assert convs.open_metadata_chars == (4 + 5 + 1 + 2) + (1 + 2) + 0
+    convs.close(1, "visitor", "done", 2)
+    convs.close(1, "visitor", "done", 2)  # already closed: nothing more
+    assert convs.open_metadata_chars == 3
+    convs.discard(2)
+    assert convs.open_metadata_chars == 0
+    restored = Conversations()
+    restored.restore([_stored(5, metadata={"ab": "cd"}), _stored(6, status="closed")])
+    assert restored.open_metadata_chars == 4
+
+
 def _state(status: str, agent_id: str | None = None) -> ConversationState:
     return ConversationState(
         id=1,

@@ -144,3 +144,32 @@ def test_rings_are_bounded_and_replay_contiguous_seqs() -> None:
     assert hub.stats()["rings"] == 2 and hub.stats()["rings_dropped_total"] == 1
     hub.missed(1, 0, 1, read_store)
     assert store_reads[-1] == (0, 1)  # conversation 1 was the one dropped
+
+
+def test_ring_totals_follow_every_change_of_the_rings() -> None:
+    """``rings_bytes`` (running totals) equals ``ring_bytes`` summed over the rings, through
+    appends, evictions of full rings, gaps, late seqs, LRU drops and forgets."""
+    import random
+
+    rng = random.Random(5)
+    hub = Hub(max_rings=6, ring_capacity=5)
+    seqs: dict[int, int] = {}
+    texts = ["hi", "字" * 7, "emoji 😀", "x" * 40, ""]
+    for _ in range(3_000):
+        conv = rng.randrange(10)
+        op = rng.random()
+        if op < 0.05:
+            hub.forget(conv)
+            continue
+        seq = seqs.get(conv, 0) + (1 if op < 0.85 else rng.choice([0, -1, 2, 5]))
+        seqs[conv] = max(seqs.get(conv, 0), seq)
+        m = msg(max(seq, 1))
+        m.text = rng.choice(texts)
+        hub.remember(conv, m)
+        walked = sum(hub.ring_bytes(c) for c in range(10))
+        assert hub.rings_bytes() == walked
+    stats = hub.stats()
+    assert stats["ring_messages"] <= 6 * 5 and stats["rings"] <= 6
+    for c in range(10):
+        hub.forget(c)
+    assert hub.rings_bytes() == 0 and hub.stats()["ring_text_bytes"] == 0

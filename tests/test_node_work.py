@@ -417,9 +417,18 @@ def test_session_accounting(tmp_path: Path) -> None:
             with pytest.raises(KefuError) as info:
                 node.session_stats("00000000000000ff")
             assert info.value.code == "not_found"
+
+            # The gauge (running totals) is the per-session figure summed over the open ones.
+            def gauge() -> float:
+                (family,) = [f for f in node._collect_sessions() if f.name.endswith("memory_bytes")]
+                return family.samples[0][1]
+
+            total = node.session_stats(conv).memory_bytes + node.session_stats(other).memory_bytes
+            assert gauge() == total
             await node.close_chat(conv, by="admin")
             closed = node.session_stats(conv)
             assert closed.cpu_seconds >= after.cpu_seconds and closed.memory_bytes == 0
+            assert gauge() == node.session_stats(other).memory_bytes
         finally:
             await node.stop()
 

@@ -252,6 +252,10 @@ class BotPolicy:
         ctx = self._contexts.get(conv)
         return 0 if ctx is None else ctx.bytes_held
 
+    def memory_total(self) -> int:
+        """:meth:`memory_of` summed over the contexts held (at most ``max_contexts``)."""
+        return sum(ctx.bytes_held for ctx in self._contexts.values())
+
     def stats(self) -> dict[str, Any]:
         return {
             "decisions": dict(self.decisions),
