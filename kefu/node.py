@@ -142,8 +142,11 @@ what other tasks do while one waits is never charged to it: checking and enqueue
 message, acking and fanning it out, and the bot's decisions (rules, retrieval, handling each
 streamed piece; the model client's own parsing is not attributed). Memory is what the
 conversation holds now: its state, its ring of recent messages and the bot's context
-(estimates from measured per-object sizes). CPU times are kept for :data:`MAX_ACCOUNTED`
-conversations, least recently charged dropped first.
+(estimates from measured per-object sizes). The gauge of all of them,
+``kefu_session_memory_bytes``, is read from running totals the hub, the conversations and the
+bot keep as messages and conversations come and go: a scrape walks no ring (the walk took 48 ms
+of the loop's time at 8,000 conversations of 20 messages). CPU times are kept for
+:data:`MAX_ACCOUNTED` conversations, least recently charged dropped first.
 
 Bounds
 ------
