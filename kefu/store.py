@@ -802,8 +802,8 @@ def _message_ops(
 
 def lower_background_priority(nice: int) -> int:
     """Give RocksDB's background threads (named ``rocksdb:*``) of this process the nice value
-    ``nice`` (module doc, "Background work"); the number of threads changed. Linux only (0
-    elsewhere); a thread that cannot be changed is left as it is."""
+    ``nice``, or keep theirs if it is higher (module doc, "Background work"); the number of
+    threads set. Linux only (0 elsewhere); a thread that cannot be changed is left as it is."""
     try:
         tasks = os.listdir("/proc/self/task")
     except OSError:
@@ -814,7 +814,11 @@ def lower_background_priority(nice: int) -> int:
             with open(f"/proc/self/task/{task}/comm", encoding="utf-8") as f:
                 name = f.read().strip()
             if name.startswith("rocksdb:"):
-                os.setpriority(os.PRIO_PROCESS, int(task), nice)  # a thread id: this thread
+                tid = int(task)  # with a thread's id, PRIO_PROCESS means that thread (Linux)
+                # Never raised above where it stands (a node started under `nice` keeps it).
+                os.setpriority(
+                    os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid))
+                )
                 changed += 1
         except (OSError, ValueError):
             continue

@@ -1058,6 +1058,8 @@ def test_process_durability_survives_kill_9(tmp_path: Path, round_: int) -> None
 _NICE_CHILD = textwrap.dedent(
     """
     import os, sys
+
+    os.nice(int(sys.argv[3]))  # the whole process started under `nice`
     from kefu.store import Store
 
     def nices():
@@ -1082,21 +1084,36 @@ def test_rocksdb_background_threads_yield_to_the_loop(tmp_path: Path) -> None:
     """``background_nice`` lowers the priority of RocksDB's flush and compaction threads only
     (a fresh process: the thread pool is the process's)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run_ = subprocess.run(
-        [sys.executable, "-c", _NICE_CHILD, str(tmp_path), "7"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=60,
-    )
-    assert run_.returncode == 0, run_.stderr
-    lines = run_.stdout.splitlines()
+
+    def child(start_nice: int) -> tuple[list[str], set[int], set[int]]:
+        run_ = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _NICE_CHILD,
+                str(tmp_path / str(start_nice)),
+                "7",
+                str(start_nice),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            timeout=60,
+        )
+        assert run_.returncode == 0, run_.stderr
+        lines = run_.stdout.splitlines()
+        on = [line.split() for line in lines[1:]]
+        rocksdb = [int(nice) for _, name, nice in on if name.startswith("rocksdb:")]
+        assert len(rocksdb) >= 2  # at least a flush and a compaction thread
+        others = {int(nice) for _, name, nice in on if not name.startswith("rocksdb:")}
+        return lines, set(rocksdb), others
+
+    lines, rocksdb, others = child(0)
     assert lines[0] == "off [0]"  # nothing changed with 0
-    on = [line.split() for line in lines[1:]]
-    rocksdb = [int(nice) for _, name, nice in on if name.startswith("rocksdb:")]
-    others = [int(nice) for _, name, nice in on if not name.startswith("rocksdb:")]
-    assert len(rocksdb) >= 2 and set(rocksdb) == {7}  # at least a flush and a compaction thread
-    assert others and set(others) == {0}  # the loop's thread (and any other) untouched
+    assert rocksdb == {7} and others == {0}  # the loop's thread (and any other) untouched
+    # Started under `nice -n 12`: no thread is given a higher priority than it had.
+    lines, rocksdb, others = child(12)
+    assert lines[0] == "off [12]" and rocksdb == {12} and others == {12}
     with pytest.raises(ValueError, match="background_nice"):
         Store.open(str(tmp_path / "bad"), background_nice=20)
