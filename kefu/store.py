@@ -508,6 +508,10 @@ class GroupCommitWriter:
         self.on_batch: Callable[[int, float], None] | None = None
         # Called once a batch's callbacks have all run (the messages acked and delivered):
         # the node writes the frames they produced now (kefu.web.ws.WsServer.flush_writes).
+        # Not after a batch a full queue forced from inside a caller (a socket's read, on a
+        # saturated node): writing there would have the clients answer within the same poll
+        # of the loop, which then goes on reading for seconds before any timer or callback
+        # runs; those frames go at the end of the turn.
         self.after_ack: Callable[[], None] | None = None
         self.syncs = 0
         self.last_sync_us = 0.0
@@ -615,7 +619,7 @@ class GroupCommitWriter:
             if key[0] != _MESSAGE_BYTE:
                 overlay[key] = (value, serial)
         if len(pending) >= self.batch_max_entries or pending.nbytes >= self.batch_max_bytes:
-            self._flush()
+            self._flush(forced=True)
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._on_tick)  # type: ignore[union-attr]  # set by _enter
@@ -626,7 +630,9 @@ class GroupCommitWriter:
         self._flush_scheduled = False
         self._flush()
 
-    def _flush(self) -> None:
+    def _flush(self, forced: bool = False) -> None:
+        """Write the next batch. ``forced``: by a full batch, from inside the caller's step
+        (``_admit``), where ``after_ack`` is not called (see there)."""
         if self._failure is not None or self._closed or not self._pending:
             return
         if self._syncing is not None and not self._overlap_sync:
@@ -642,7 +648,7 @@ class GroupCommitWriter:
             self._flush_scheduled = True
             self._loop.call_soon(self._on_tick)
         if self._executor is None:
-            self._ack(entries)
+            self._ack(entries, notify=not forced)
             return
         self._unsynced.extend(entries)
         if self._syncing is None:
@@ -681,12 +687,12 @@ class GroupCommitWriter:
         if self.on_batch is not None:
             self.on_batch(messages, elapsed / 1e6)
 
-    def _ack(self, entries: list[_Entry]) -> None:
+    def _ack(self, entries: list[_Entry], notify: bool = True) -> None:
         for entry in entries:
             self.unacked_count -= 1
             self.unacked_bytes -= entry.nbytes
             _resolve(entry.future, None)
-        if entries and self.after_ack is not None:
+        if notify and entries and self.after_ack is not None:
             try:
                 self.after_ack()
             except Exception:

@@ -355,6 +355,23 @@ def test_after_ack_runs_once_a_batch_is_answered(
         assert all_seqs(s, 40) == [1, 2, 3, 4, 5, 6]
 
 
+def test_after_ack_waits_for_the_turn_when_a_full_batch_forced_the_write(db_path: str) -> None:
+    answered: list[int] = []
+    seen: list[list[int]] = []
+    with Store.open(db_path, batch_max_entries=2) as s:
+        s.writer.after_ack = lambda: seen.append(list(answered))
+
+        async def main() -> None:
+            for seq in range(1, 6):  # one step: batches [1, 2] and [3, 4] forced, [5] at the tick
+                s.append_message_then(message(41, seq), lambda exc, seq=seq: answered.append(seq))
+            assert answered == [1, 2, 3, 4] and seen == []  # forced: answered, no after_ack
+            for _ in range(3):
+                await asyncio.sleep(0)  # the tick writes [5]
+            assert seen == [[1, 2, 3, 4, 5]]  # that batch's answer: after_ack, once
+
+        run(main())
+
+
 def test_batch_is_cut_at_batch_max_entries(db_path: str) -> None:
     acked: list[int] = []
     with Store.open(db_path, batch_max_entries=100) as s:

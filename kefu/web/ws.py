@@ -58,7 +58,11 @@ Decisions
   A group commit's answers are written as soon as the batch's callbacks have run
   (:meth:`WsServer.flush_writes`): its write runs from a callback, and a callback's
   ``call_soon`` waits for the loop's next turn, after the next poll has read (and handled)
-  every socket that is ready; the acks of a busy node would wait that long.
+  every socket that is ready; the acks of a busy node would wait that long. A batch that a
+  full queue forced from inside a socket's read is the exception (``kefu.store``,
+  ``after_ack``): its frames wait for the end of the turn, or on a saturated node the clients
+  would answer within the same poll, and the loop would read on for seconds, its timers and
+  callbacks waiting.
 - **Slow consumer**: frames go straight to the transport while it takes them. When its buffer
   passes :data:`TRANSPORT_HIGH_WATER` (picows forwards ``pause_writing``), frames wait in the
   connection's ``OutboundQueue`` until ``resume_writing``; a push past
