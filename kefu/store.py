@@ -648,7 +648,9 @@ class GroupCommitWriter:
             self._flush_scheduled = True
             self._loop.call_soon(self._on_tick)
         if self._executor is None:
-            self._ack(entries, notify=not forced)
+            self._ack(entries)
+            if not forced:
+                self._answered()
             return
         self._unsynced.extend(entries)
         if self._syncing is None:
@@ -687,12 +689,15 @@ class GroupCommitWriter:
         if self.on_batch is not None:
             self.on_batch(messages, elapsed / 1e6)
 
-    def _ack(self, entries: list[_Entry], notify: bool = True) -> None:
+    def _ack(self, entries: list[_Entry]) -> None:
         for entry in entries:
             self.unacked_count -= 1
             self.unacked_bytes -= entry.nbytes
             _resolve(entry.future, None)
-        if notify and entries and self.after_ack is not None:
+
+    def _answered(self) -> None:
+        """A batch's callbacks have run: ``after_ack`` (see there)."""
+        if self.after_ack is not None:
             try:
                 self.after_ack()
             except Exception:
@@ -727,6 +732,8 @@ class GroupCommitWriter:
         self.syncs += 1
         self.last_sync_us = done.result()
         self._ack(covered)
+        if covered:
+            self._answered()
         if self._unsynced:
             self._start_sync()
         elif self._pending and not self._overlap_sync:
