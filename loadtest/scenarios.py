@@ -612,6 +612,17 @@ def _accounting(m: dict[str, Any], bot: bool = False) -> dict[str, int]:
     return acc
 
 
+def cpu_per_message(server: dict[str, Any], delivered_per_s: float) -> float | None:
+    """The server's CPU per delivered message in microseconds (its mean CPU over the traffic
+    window over the delivered rate): what the node spends on one message, whatever the rate,
+    and less sensitive than throughput to how fast the machine runs that hour. None without
+    CPU samples (a ``--url`` run without ``--server-pid``) or without deliveries."""
+    pct = server.get("cpu_mean_pct")
+    if not pct or delivered_per_s <= 0:
+        return None
+    return round(pct * 1e4 / delivered_per_s, 1)
+
+
 def _rate_in(series: list[int], seconds: float) -> float:
     whole = max(1, int(seconds))
     return round(sum(series[:whole]) / whole, 1)
@@ -630,6 +641,7 @@ def _chat_result(
     res["sent_per_s"] = _rate_in(m["series"]["sent/s"], args.duration)
     res["generator"] = {"skipped_busy": m["skipped"], "behind_max_ms": m["behind_max_ms"]}
     res["server_cpu_rss"] = setup.server_summary(t_go)
+    res["server_cpu_us_per_msg"] = cpu_per_message(res["server_cpu_rss"], delivered)
     res["errors"] = m["errors"]
     if m["retried_1013"]:
         res["connect_retried_1013"] = m["retried_1013"]
@@ -851,6 +863,10 @@ def run_relay(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]
         rp99 = bare["latency"].get("v2a", {}).get("p99_ms")
         if kp99 and rp99:
             res["p99_ratio_kefu_to_relay"] = round(kp99 / rp99, 2)
+        kcpu = kefu.get("server_cpu_us_per_msg")
+        rcpu = bare.get("server_cpu_us_per_msg")
+        if kcpu and rcpu:
+            res["cpu_per_msg_ratio_kefu_to_relay"] = round(kcpu / rcpu, 2)
         acc = {
             k: kefu["accounting"][k] + bare["accounting"][k]
             for k in ("lost", "duplicated", "unacked")
@@ -858,7 +874,8 @@ def run_relay(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]
         res["accounting"] = acc
         res["headline"] = (
             f"kefu {kefu['delivered_per_s']:,.0f}/s p99 {kp99} ms vs bare relay"
-            f" {bare['delivered_per_s']:,.0f}/s p99 {rp99} ms: ratio {ratio:.2f}"
+            f" {bare['delivered_per_s']:,.0f}/s p99 {rp99} ms: ratio {ratio:.2f};"
+            f" server CPU per message {kcpu} us vs {rcpu} us"
         )
     else:
         res["accounting"] = bare["accounting"]
@@ -881,6 +898,7 @@ def _brief(res: dict[str, Any]) -> dict[str, Any]:
     out.update({k: acc[k] for k in ("lost", "duplicated", "unacked")})
     server = res.get("server_cpu_rss", {})
     out["server_cpu_mean_pct"] = server.get("cpu_mean_pct")
+    out["server_cpu_us_per_msg"] = res.get("server_cpu_us_per_msg")
     return out
 
 
