@@ -376,7 +376,7 @@ class StoreConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True)
     batch_max_entries: Annotated[int, Meta(ge=1, le=1_000_000)] = 1_024
     batch_max_bytes: Annotated[int, Meta(ge=64 * KiB, le=GiB)] = 4 * MiB
     block_cache_bytes: Annotated[int, Meta(ge=MiB, le=1024 * GiB)] = 64 * MiB
-    write_buffer_bytes: Annotated[int, Meta(ge=MiB, le=16 * GiB)] = 32 * MiB
+    write_buffer_bytes: Annotated[int, Meta(ge=MiB, le=16 * GiB)] = 4 * MiB
     #: Dedup keys the store's in-memory filter holds (10 bits each; 0: none); past it every
     #: dedup check reads RocksDB (kefu.store, "Dedup filter").
     dedup_filter_keys: Annotated[int, Meta(ge=0, le=1 << 32)] = 4_000_000
