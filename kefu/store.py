@@ -104,13 +104,22 @@ Memtable size
 Every message puts two keys in RocksDB's memtable, a skiplist: the message's and its dedup
 key's. With thousands of conversations writing, consecutive keys land far apart, and each
 insert is a search down the skiplist, a chain of cache misses that grows with the memtable.
-``write_buffer_bytes`` is therefore 4 MiB by default, not RocksDB's 64 MiB: flushes come
-eight times as often and each is an eighth of the work. Measured on one core at 10,000
-messages/s over 8,000 conversations, in five pairs run alternately with 32 MiB, the smaller
-memtable cut the group commit's write from 0.093-0.120 ms to 0.060-0.078 ms a batch, and the
-p99 from 7.8-30.5 ms to 5.1-16.2 ms, every pair; flushes and compactions included, the CPU
-per message was the same or lower; at the maximum rate (closed loop) nothing changed. 2 and
-8 MiB did no better than 4.
+So the memtable is small, ``write_buffer_bytes`` = 4 MiB by default, and RocksDB merges
+:data:`MEMTABLES_PER_FLUSH` (4) of them into one table file per flush and compacts
+:data:`FLUSHES_PER_COMPACTION` (8) such files at a time. The merge matters: the keys are
+random across the whole key space, so every compaction of new files into the base level
+rewrites that whole level, and with one small file per memtable that happened eight times as
+often as with 32 MiB memtables; the process's CPU then grew with the data (21, 31, 36, 44 %
+in successive 30 s windows at 20,000 keys/s), where merged flushes keep each compaction the
+size it was with 32 MiB memtables (128 MiB of new data) and the CPU flat (16-21 %, against
+21-23 % with 32 MiB). Measured in RocksDB alone, on one core, 16 keys a batch at 20,000 keys/s
+over 150 s: 52-78 µs a batch against 85-97 µs with one 32 MiB memtable. In the node at 10,000
+messages/s on one core (8,000 conversations), six pairs alternating with the 32 MiB
+configuration: the group commit's write 0.060-0.133 against 0.079-0.188 ms a batch (every
+pair), the CPU per message lower in five; the p99 within this VM's spread (one run of the
+six at 226 ms, the others 5.5-54 against 7.9-52 ms). Memory: at most
+:data:`MEMTABLES_MAX` (8) memtables, 32 MiB, against 96 MiB before; the WAL is flushed past
+eight memtables' worth.
 
 Background work
 ---------------
@@ -123,7 +132,7 @@ and every message waits meanwhile (the p99 of a node at 10,000 messages/s on one
 Linux only; 0 leaves them alone): they take what the loop leaves, and at nice 10 still about a
 tenth of a core the loop keeps busy. Measured on one core at 10,000 messages/s: p99 17-40 ms
 against 25-122 ms alternating with the threads left alone. On a saturated core a flush falls
-behind, and RocksDB stops writes when its three memtables are full until one is flushed (a
+behind, and RocksDB stops writes when all its memtables are full until one is flushed (a
 write-only run at full speed on one core: 3 stops, 0.38 s in all over 768,000 messages,
 at a higher rate than without the nice value); the memory stays bounded by the memtables.
 
@@ -852,6 +861,13 @@ def lower_background_priority(nice: int) -> int:
     return changed
 
 
+#: Memtables: at most this many (each ``write_buffer_bytes``); this many merged into one table
+#: file per flush; this many such files before they are compacted (module doc, "Memtable size").
+MEMTABLES_MAX: Final = 8
+MEMTABLES_PER_FLUSH: Final = 4
+FLUSHES_PER_COMPACTION: Final = 8
+
+
 def _db_options(block_cache_bytes: int, write_buffer_bytes: int) -> Options:
     opts = Options(raw_mode=True)
     opts.create_if_missing(True)
@@ -864,11 +880,14 @@ def _db_options(block_cache_bytes: int, write_buffer_bytes: int) -> Options:
     opts.set_block_based_table_factory(table)
     opts.set_compression_type(DBCompressionType.lz4())
     opts.set_bottommost_compression_type(DBCompressionType.zstd())
-    # Memtables: at most three of write_buffer_bytes; the WAL is bounded by forcing a memtable
-    # flush once it passes four of them.
+    # Memtables of write_buffer_bytes (module doc, "Memtable size"), four of them merged into
+    # one table file per flush and eight such files to a compaction; at most eight memtables,
+    # and the WAL bounded by forcing a flush once it passes eight memtables' worth.
     opts.set_write_buffer_size(write_buffer_bytes)
-    opts.set_max_write_buffer_number(3)
-    opts.set_max_total_wal_size(4 * write_buffer_bytes)
+    opts.set_max_write_buffer_number(MEMTABLES_MAX)
+    opts.set_min_write_buffer_number_to_merge(MEMTABLES_PER_FLUSH)
+    opts.set_level_zero_file_num_compaction_trigger(FLUSHES_PER_COMPACTION)
+    opts.set_max_total_wal_size(8 * write_buffer_bytes)
     opts.set_level_compaction_dynamic_level_bytes(True)
     opts.set_max_background_jobs(2)
     opts.set_bytes_per_sync(1 << 20)
