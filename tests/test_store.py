@@ -1134,3 +1134,23 @@ def test_rocksdb_background_threads_yield_to_the_loop(tmp_path: Path) -> None:
     assert lines[0] == "off [12]" and rocksdb == {12} and others == {12}
     with pytest.raises(ValueError, match="background_nice"):
         Store.open(str(tmp_path / "bad"), background_nice=20)
+
+
+def test_memtables_are_small_and_merged_four_to_a_flush(tmp_path: Path) -> None:
+    # kefu.store, "Memtable size": RocksDB records the options it runs with in the data
+    # directory's OPTIONS file; these are the ones that keep compactions the size they were.
+    with Store.open(str(tmp_path / "db")):
+        pass
+    (options_file,) = sorted((tmp_path / "db").glob("OPTIONS-*"))[-1:]
+    text = options_file.read_text(encoding="utf-8")
+    settings = dict(line.strip().split("=", 1) for line in text.splitlines() if "=" in line)
+    assert settings["write_buffer_size"] == str(4 << 20)
+    assert settings["max_write_buffer_number"] == "8"
+    assert settings["min_write_buffer_number_to_merge"] == "4"
+    assert settings["level0_file_num_compaction_trigger"] == "8"
+    assert settings["max_total_wal_size"] == str(32 << 20)
+    # A configured size scales the WAL bound with it.
+    with Store.open(str(tmp_path / "db2"), write_buffer_bytes=16 << 20):
+        pass
+    text = sorted((tmp_path / "db2").glob("OPTIONS-*"))[-1].read_text(encoding="utf-8")
+    assert "write_buffer_size=16777216" in text and "max_total_wal_size=134217728" in text
