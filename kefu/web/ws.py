@@ -609,7 +609,7 @@ class Connection(WSListener):
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         self._heard = True
         try:
-            # The common frame, a whole ASCII text message on an open connection, straight to
+            # The common frame, a whole text message on an open connection, straight to
             # _on_message (what _on_frame does with it, with one call less a message).
             if (
                 frame.msg_type is _TEXT
@@ -619,9 +619,9 @@ class Connection(WSListener):
                 and not (frame.rsv1 or frame.rsv2 or frame.rsv3)
             ):
                 data = frame.get_payload_as_bytes()
-                if data.isascii():
+                if self._valid_text(data):
                     self._on_message(False, data)
-                    return
+                return
             self._on_frame(frame)
         except Exception:
             log.exception("conn %s: failure while reading a frame", self.id)
@@ -648,12 +648,8 @@ class Connection(WSListener):
                 return
             if frame.fin:
                 data = frame.get_payload_as_bytes()
-                if op is _TEXT and not data.isascii():
-                    try:
-                        data.decode()
-                    except UnicodeDecodeError:
-                        self._fail(1007, "text frame is not valid UTF-8")  # section 8.1
-                        return
+                if op is _TEXT and not self._valid_text(data):
+                    return
                 self._on_message(op is _BINARY, data)
             else:
                 self._frag_op = op
@@ -679,6 +675,17 @@ class Connection(WSListener):
                 self._pong_timer = None
         elif op is _CLOSE:
             self._on_close_frame(frame)
+
+    def _valid_text(self, data: bytes) -> bool:
+        """Whether a whole text message is UTF-8; if not, the connection fails with 1007."""
+        if data.isascii():
+            return True
+        try:
+            data.decode()
+        except UnicodeDecodeError:
+            self._fail(1007, "text frame is not valid UTF-8")  # section 8.1
+            return False
+        return True
 
     def _add_fragment(self, frame: WSFrame) -> None:
         size = self._frag_size + frame.payload_size
