@@ -4,6 +4,7 @@ from the ``websockets`` library, every test bounded by a timeout."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from kefu.config import AgentConfig, BotConfig, Config, WsConfig
 from kefu.node import Node
 from kefu.store import parse_conv_id
+from kefu.web.ws import NOWAIT_MAX
 from tests import aio
 
 TIMEOUT = 20.0
@@ -446,6 +448,107 @@ def test_sends_of_both_paths_in_one_batch_are_delivered_in_seq_order(tmp_path: P
             assert [(await recv(visitor, "msg"))["seq"] for _ in range(2)] == [1, 2]
             got = [await recv(agent) for _ in range(3)]
             assert [(f["type"], f["seq"]) for f in got] == [("msg", 1), ("ack", 2), ("msg", 2)]
+            assert node._inflight == {}
+            for ws in (agent, visitor):
+                await ws.close()
+        finally:
+            await node.stop()
+
+    run(body)
+
+
+def test_pipelined_sends_are_taken_together_and_what_follows_waits_for_them(
+    tmp_path: Path,
+) -> None:
+    """Sends a client writes without waiting for their acks are all taken without a task (they
+    are in the store's queue together), while a command after them (a repeated send, a ping)
+    waits until every one is answered: the answers keep the order of the commands."""
+
+    async def body() -> None:
+        node = Node(make_config(tmp_path))
+        await node.start()
+        try:
+            agent, visitor, conv = await chat_with_agent(node)
+            writer = node.store.writer
+            real_ack = writer._ack
+            held: list[Any] = []
+            writer._ack = lambda entries: held.append(entries)  # type: ignore[method-assign]
+
+            def written() -> int:
+                return sum(len(entries) for entries in held)
+
+            for i in (1, 2, 3):
+                await send(visitor, type="send", conv=conv, client_msg_id=f"m{i}", text=f"t{i}")
+            for _ in range(200):
+                if written() >= 3:
+                    break
+                await asyncio.sleep(0.01)
+            assert written() == 3  # none of them waited for the answer to the one before
+            await send(visitor, type="send", conv=conv, client_msg_id="m2", text="t2")
+            await send(visitor, type="ping")
+            with contextlib.suppress(TimeoutError):
+                while True:  # the conversation's ``assigned`` may still come, nothing else
+                    early = json.loads(await asyncio.wait_for(visitor.recv(), 0.3))
+                    assert early["type"] == "assigned", f"answered before the sends: {early}"
+            assert written() == 3  # the repeat was not written
+            writer._ack = real_ack  # type: ignore[method-assign]
+            for entries in held:
+                real_ack(entries)
+            got = [
+                json.loads(await asyncio.wait_for(visitor.recv(), RECV_TIMEOUT)) for _ in range(8)
+            ]
+            assert [(f["type"], f.get("seq"), f.get("dup")) for f in got] == [
+                ("ack", 1, False),
+                ("msg", 1, None),
+                ("ack", 2, False),
+                ("msg", 2, None),
+                ("ack", 3, False),
+                ("msg", 3, None),
+                ("ack", 2, True),
+                ("pong", None, None),
+            ]
+            assert [(await recv(agent, "msg"))["text"] for _ in range(3)] == ["t1", "t2", "t3"]
+            assert (await say(visitor, conv, "m4", "t4"))["seq"] == 4  # exactly once each
+            assert (await recv(agent, "msg"))["seq"] == 4
+            assert node._inflight == {}
+            for ws in (agent, visitor):
+                await ws.close()
+        finally:
+            await node.stop()
+
+    run(body)
+
+
+def test_sends_past_the_nowait_bound_wait_in_the_inbox(tmp_path: Path) -> None:
+    """At most ``NOWAIT_MAX`` sends of one connection are in the store's queue at once; the
+    next wait in the connection's inbox and are stored, in order, once those are answered."""
+
+    async def body() -> None:
+        node = Node(make_config(tmp_path))
+        await node.start()
+        try:
+            agent, visitor, conv = await chat_with_agent(node)
+            writer = node.store.writer
+            real_ack = writer._ack
+            held: list[Any] = []
+            writer._ack = lambda entries: held.append(entries)  # type: ignore[method-assign]
+            total = NOWAIT_MAX + 3
+            for i in range(total):
+                await send(visitor, type="send", conv=conv, client_msg_id=f"m{i}", text=f"{i}")
+            for _ in range(300):
+                if sum(len(entries) for entries in held) >= NOWAIT_MAX:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)  # time for any send past the bound to be written
+            assert sum(len(entries) for entries in held) == NOWAIT_MAX
+            writer._ack = real_ack  # type: ignore[method-assign]
+            for entries in held:
+                real_ack(entries)
+            acks = [await recv(visitor, "ack") for _ in range(total)]
+            assert [a["seq"] for a in acks] == list(range(1, total + 1))
+            assert [a["client_msg_id"] for a in acks] == [f"m{i}" for i in range(total)]
+            texts = [(await recv(agent, "msg"))["text"] for _ in range(total)]
+            assert texts == [str(i) for i in range(total)]
             assert node._inflight == {}
             for ws in (agent, visitor):
                 await ws.close()

@@ -9,17 +9,25 @@ Decisions
 - **One frame at a time per connection.** A connection's frames are handled in arrival order,
   each after the previous one's handler call returned: answers keep the order of the commands
   (an ``error`` for a bad frame comes after the ``ack`` of the ``send`` before it), and the
-  node never sees two commands of one client at once. The inbox between the socket and the
+  node never sees two commands of one client at once (but for the sends of the next point).
+  The inbox between the socket and the
   handler is bounded (:data:`INBOX_FRAMES` frames, :data:`INBOX_BYTES` bytes); a command that
   does not fit is refused like one over the token bucket (``rate_limited``, and it counts
   towards the 4029 close). The worker task exists only while the inbox is not empty, so an
   idle connection holds no task.
-- **Sends without a task.** A ``send`` arriving while its connection has nothing in hand (the
-  common case: a client waits for its ack) is offered to the handler's optional
-  ``on_send_nowait``, which stores it and answers from the store's completion callback: no
-  task, no coroutine chain and no future per message (a third of the CPU per message at full
-  load went to those). Until the handler calls ``frame_done`` the connection counts as busy,
-  so the next frames queue in the inbox and the one-at-a-time order above holds unchanged.
+- **Sends without a task.** A ``send`` arriving while its connection has nothing in hand but
+  sends taken this way (the common case: a client waits for its ack, or pipelines a few sends)
+  is offered to the handler's optional ``on_send_nowait``, which stores it and answers from
+  the store's completion callback: no task, no coroutine chain and no future per message (a
+  third of the CPU per message at full load went to those). Such sends are the one exception
+  to one-at-a-time: up to :data:`NOWAIT_MAX` of one connection may be in the handler's hands
+  at once, since the handler orders them itself (it takes each one's ``seq`` as it takes it,
+  and the store answers in that order), so their answers keep the order of the commands.
+  Anything else (another command, a send the handler declines, a send past
+  :data:`NOWAIT_MAX`) queues in the inbox until the handler has called ``frame_done`` for
+  every send it took, and the one-at-a-time order above holds from there. A client that
+  pipelines its sends (``python -m loadtest chat --window 4``) so gets one read and one write
+  for several messages, not a task per message.
 - **Upgrade refusals are HTTP answers**: a path other than ``ws.path`` is 404, an ``Origin``
   outside the allow-list 403, a node at ``max_connections`` (or stopping) 503 with
   ``Retry-After``: cheaper than accepting and closing with 1013, and load balancers understand
@@ -163,6 +171,9 @@ CLOSE_RATE_LIMITED: Final = 4029  # PROTOCOL.md: the token bucket keeps refusing
 INBOX_FRAMES: Final = 64
 #: Bytes of those commands; 16 messages of the default 64 KiB.
 INBOX_BYTES: Final = 1 << 20
+#: Sends of one connection the handler may hold at once without a task (module doc, "Sends
+#: without a task"); past it, sends wait in the inbox.
+NOWAIT_MAX: Final = 32
 #: Transport buffer above which frames wait in the OutboundQueue (where they count against
 #: ``outbound_limit_bytes``); resume below the low water.
 TRANSPORT_HIGH_WATER: Final = 64 << 10
@@ -277,9 +288,11 @@ class FrameHandler(Protocol):
     #     meanwhile, or a connection limit refused it): no ``on_ready``, no ``on_close``.
 
     # Optional: def on_send_nowait(self, conn: Connection, frame: Send) -> bool
-    #     Take ``frame`` without a task, when the connection has nothing else in hand. True:
-    #     the handler took it and calls ``conn.frame_done()`` exactly once when it is answered
-    #     (until then the connection's next frames wait). False: it goes through ``on_frame``.
+    #     Take ``frame`` without a task, when the connection has nothing else in hand but
+    #     sends taken so (up to NOWAIT_MAX; the handler answers them in the order it took
+    #     them). True: the handler took it and calls ``conn.frame_done()`` exactly once when it
+    #     is answered (until all are, the connection's other frames wait). False: it goes
+    #     through ``on_frame``, after the sends taken before it.
 
     def on_close(self, conn: Connection) -> None:
         """The connection is gone. Called once for each connection that was welcomed, after
@@ -341,6 +354,7 @@ class Connection(WSListener):
         "_refusals",
         "_server",
         "_state",
+        "_taken",
         "_transport",
         "_visitor_bucket",
         "_worker",
@@ -392,8 +406,9 @@ class Connection(WSListener):
         # which an idle connection would hold for nothing.
         self._inbox: deque[tuple[ClientFrame | ProtocolError, int, int]] | None = None
         self._inbox_bytes = 0
-        #: The drain task, or _TAKEN while the handler holds a send it took without one.
+        #: The drain task, or _TAKEN while the handler holds sends it took without one.
         self._worker: asyncio.Task[None] | object | None = None
+        self._taken = 0  # how many: each ends with the handler's frame_done
         self._bucket: TokenBucket | None = None
         self._refusals = 0
         self._hello_timer: asyncio.TimerHandle | None = None
@@ -777,36 +792,50 @@ class Connection(WSListener):
         if len(inbox) >= INBOX_FRAMES or self._inbox_bytes + size > INBOX_BYTES:
             self._refuse("too many commands in flight")
             return
+        worker = self._worker
         if (
-            self._worker is None
+            (worker is None or (worker is _TAKEN and self._taken < NOWAIT_MAX))
             and not inbox
             and self._state == _OPEN
             and type(item) is Send
             and server._nowait is not None
         ):
             # The fast path (module doc, "Sends without a task"): nothing of this connection
-            # is in hand, so the handler may take the send now and answer it from a callback.
+            # is in hand but sends taken so, so the handler may take this one now and answer
+            # it from a callback.
             self.received_ns = time.perf_counter_ns()
             self._worker = _TAKEN
+            self._taken += 1
             try:
                 taken = server._nowait(self, item)
             except Exception:
                 log.exception("conn %s: handler failed on send", self.id)
-                self._worker = None
+                self._untake()
                 self.send(Error(code="internal", message="internal error", ref="send"))
                 return
             if taken:
                 return
-            self._worker = None
+            self._untake()
         inbox.append((item, size, time.perf_counter_ns()))
         self._inbox_bytes += size
         if self._worker is None:
             self._worker = server._loop.create_task(self._drain())
 
+    def _untake(self) -> None:
+        """A send offered to ``on_send_nowait`` was not taken after all (declined, or the call
+        failed): it counts no more; the queued frames wait for the sends still taken."""
+        self._taken -= 1
+        if not self._taken:
+            self._worker = None
+
     def frame_done(self) -> None:
-        """The handler finished the send it took with ``on_send_nowait``: the next frames
-        (queued meanwhile) go on, or the close waiting for it is reported."""
+        """The handler finished a send it took with ``on_send_nowait``. Once it finished them
+        all, the next frames (queued meanwhile) go on, or the close waiting for it is
+        reported."""
         if self._worker is not _TAKEN:
+            return
+        self._taken -= 1
+        if self._taken:
             return
         self._worker = None
         if self._notify_close:
