@@ -76,6 +76,7 @@ from loadtest.server import (
     redis_info,
     scrape_histograms,
 )
+from loadtest.stalls import StallProbe
 
 SCENARIOS = ("idle", "chat", "ramp", "bot", "storm", "relay")
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -204,6 +205,10 @@ class Setup:
         self.info: dict[str, Any] = {}
         self.redis_memory: dict[str, int] = {}
         self.redis_clients: int | None = None
+        self.server_cpus: set[int] | None = None
+        self._probe: StallProbe | None = None
+        self._probe_end_ns = 0
+        self._stalls: dict[str, Any] = {}
         try:
             self._start(args, relay)
         except BaseException:
@@ -215,6 +220,7 @@ class Setup:
         server_cpus: set[int] | None = None
         if args.pin:
             server_cpus, client_cpus = pin_cpus()
+            self.server_cpus = server_cpus
             self.info["pinned"] = {"server": sorted(server_cpus), "clients": sorted(client_cpus)}
         self.bot = scenario == "bot"
         n = args.visitors
@@ -436,8 +442,30 @@ class Setup:
         assert fleet is not None
         t_go = time.monotonic_ns() + 300_000_000
         n = max(1, sum(self.share))
+        self._finish_probe()
+        self._probe = StallProbe(self.server_cpus)
+        self._probe.start(t_go, duration)
+        self._probe_end_ns = t_go + int(duration * 1e9)
         fleet.send([("run", rate * k / n, duration, t_go, self.args.window) for k in self.share])
         return t_go
+
+    def stalls(self) -> dict[str, Any]:
+        """The machine's stalls over the last traffic window (:mod:`loadtest.stalls`: how late
+        a probe sleeping 1 ms at a time on the server's core woke up)."""
+        self._finish_probe()
+        return self._stalls
+
+    def _finish_probe(self) -> None:
+        """Read the probe of the last traffic window; kill it if that window is not over (a
+        run that stopped early has no figures for it)."""
+        probe, self._probe = self._probe, None
+        if probe is None:
+            return
+        if time.monotonic_ns() < self._probe_end_ns:
+            probe.stop()
+            self._stalls = {"error": "the run stopped before the traffic window ended"}
+        else:
+            self._stalls = probe.result()
 
     def traffic(self, rate: float, duration: float) -> int:
         t_go = self.traffic_start(rate, duration)
@@ -550,6 +578,7 @@ class Setup:
         if self.fleet is not None:
             self.fleet.close()
             self.fleet = None
+        self._finish_probe()
         for s in self.samplers:
             s.stop()
         if self.redis_sampler is not None:
@@ -642,6 +671,7 @@ def _chat_result(
     res["generator"] = {"skipped_busy": m["skipped"], "behind_max_ms": m["behind_max_ms"]}
     res["server_cpu_rss"] = setup.server_summary(t_go)
     res["server_cpu_us_per_msg"] = cpu_per_message(res["server_cpu_rss"], delivered)
+    res["machine_stalls"] = setup.stalls()
     res["errors"] = m["errors"]
     if m["retried_1013"]:
         res["connect_retried_1013"] = m["retried_1013"]
@@ -811,6 +841,7 @@ def run_ramp(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
                     "p99_9_ms": s["p99_9_ms"],
                     "lost": lost,
                     "server": setup.server_summary(t_go),
+                    "machine_stalls": setup.stalls(),
                 }
             )
             p99 = s["p99_ms"] if s["p99_ms"] is not None else math.inf
@@ -899,6 +930,9 @@ def _brief(res: dict[str, Any]) -> dict[str, Any]:
     server = res.get("server_cpu_rss", {})
     out["server_cpu_mean_pct"] = server.get("cpu_mean_pct")
     out["server_cpu_us_per_msg"] = res.get("server_cpu_us_per_msg")
+    stalls = res.get("machine_stalls", {})
+    out["machine_late_over_5ms"] = stalls.get("late_over_5ms")
+    out["machine_late_max_ms"] = stalls.get("late_max_ms")
     return out
 
 

@@ -90,6 +90,11 @@ def test_chat_accounts_for_every_message(tmp_path: Path) -> None:
     assert received == acc["sent_by_visitors"] + acc["sent_by_agents"]  # both sides' sends
     assert internal["kefu_event_loop_lag_seconds"]["count"] >= 10  # 20 samples a second
     assert "pinned" not in res
+    # The machine's own stalls over the traffic window, probed beside the run (unpinned).
+    stalls = res["machine_stalls"]
+    assert stalls["cpus"] == "any" and stalls["policy"] in ("fifo", "normal")
+    assert 700 <= stalls["wakeups"] <= 1_500  # a 1 ms sleep at a time over 1.5 s
+    assert stalls["late_over_5ms"] <= stalls["late_over_1ms"] <= stalls["wakeups"]
 
 
 def test_pin_puts_the_server_and_the_load_generator_on_their_own_cpus(tmp_path: Path) -> None:
@@ -104,6 +109,7 @@ def test_pin_puts_the_server_and_the_load_generator_on_their_own_cpus(tmp_path: 
     pinned = report["result"]["pinned"]
     assert pinned["server"] == pinned["server_observed"] == cpus[:1]
     assert pinned["clients"] == cpus[1:]
+    assert report["result"]["machine_stalls"]["cpus"] == cpus[:1]  # the probe beside the node
     assert "pinned" in proc.stdout
     # relay sets up twice in one process (kefu, then the relay): both pinned alike.
     proc, report = _run(
@@ -115,6 +121,9 @@ def test_pin_puts_the_server_and_the_load_generator_on_their_own_cpus(tmp_path: 
     kcpu, rcpu = res["kefu"]["server_cpu_us_per_msg"], res["relay"]["server_cpu_us_per_msg"]
     assert kcpu > 0 and rcpu > 0
     assert res["cpu_per_msg_ratio_kefu_to_relay"] == round(kcpu / rcpu, 2)
+    for side in ("kefu", "relay"):
+        assert res[side]["machine_late_over_5ms"] is not None
+        assert res[side]["machine_late_max_ms"] >= 0
     assert f"server CPU per message {kcpu} us vs {rcpu} us" in proc.stdout
     bad = subprocess.run(
         [sys.executable, "-m", "loadtest", "chat", "--spawn", "--nodes", "2", "--pin"],
@@ -172,6 +181,35 @@ def _worker_report(acked: dict[str, int], received: dict[str, int]) -> dict[str,
         "sent_series": [0] * 3600,
         "delivered_series": [0] * 3600,
     }
+
+
+def test_the_stall_probe_sees_a_stall_of_its_process() -> None:
+    """The probe stopped for 80 ms (SIGSTOP, then SIGCONT), as a hypervisor would hold a
+    virtual CPU: it reports one wake-up that late, and its sleeps before and after."""
+    import os
+    import signal
+    import time
+
+    from loadtest.stalls import StallProbe
+
+    probe = StallProbe()
+    probe.start(time.monotonic_ns(), 1.0)
+    pid = probe._proc.pid  # type: ignore[union-attr]
+    time.sleep(0.4)  # the interpreter started and the probe is sleeping
+    os.kill(pid, signal.SIGSTOP)
+    time.sleep(0.08)
+    os.kill(pid, signal.SIGCONT)
+    res = probe.result()
+    assert "error" not in res, res
+    assert res["late_max_ms"] >= 70 and res["late_over_5ms"] >= 1
+    assert res["late_total_ms"] >= res["late_max_ms"]
+    assert res["wakeups"] >= 300 and res["cpus"] == "any"
+    # Started for a window that has not begun: it waits for it, and a run that stops before
+    # the window ends gets no figures.
+    later = StallProbe()
+    later.start(time.monotonic_ns() + 5_000_000_000, 1.0)
+    later.stop()
+    assert later.result() == {"error": "not started"}
 
 
 def test_cpu_per_message_is_the_mean_cpu_over_the_delivered_rate() -> None:
