@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import random
 import resource
 import threading
@@ -442,6 +443,13 @@ class Worker:
         self.last_resumed_ns = 0
         self.skipped = 0
         self.behind_max_ms = 0.0
+        # This process's garbage collections while traffic runs: a pause here delays every
+        # frame the process sends or reads, and shows as latency that is not the server's.
+        self.gc_pauses = 0
+        self.gc_pause_max_ms = 0.0
+        self.gc_pause_total_ms = 0.0
+        self._gc_t0 = 0
+        gc.callbacks.append(self._on_gc)
         self.ack_hist = LatencyHistogram()
         self.v2a_hist = LatencyHistogram()
         self.a2v_hist = LatencyHistogram()
@@ -450,6 +458,16 @@ class Worker:
         self.ping_hist = LatencyHistogram()
         self.sent_series = [0] * MAX_SERIES
         self.delivered_series = [0] * MAX_SERIES
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_t0 = time.perf_counter_ns() if self.running else 0
+        elif self._gc_t0:
+            ms = (time.perf_counter_ns() - self._gc_t0) / 1e6
+            self._gc_t0 = 0
+            self.gc_pauses += 1
+            self.gc_pause_total_ms += ms
+            self.gc_pause_max_ms = max(self.gc_pause_max_ms, ms)
 
     def tick_series(self, series: list[int], now_ns: int) -> None:
         if self.t_go_ns:
@@ -744,6 +762,9 @@ class Worker:
             "unacked": sum(len(s.pending) for s in self.agents + self.visitors),
             "skipped": self.skipped,
             "behind_max_ms": round(self.behind_max_ms, 1),
+            "gc_pauses": self.gc_pauses,
+            "gc_pause_max_ms": round(self.gc_pause_max_ms, 2),
+            "gc_pause_total_ms": round(self.gc_pause_total_ms, 1),
             "dropped": self.dropped,
             "retried_1013": self.retried_1013,
             "up_per_node": [

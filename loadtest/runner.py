@@ -218,6 +218,9 @@ def merge_reports(
                 up_per_node.append(0)
             up_per_node[i] += k
         total["behind_max_ms"] = max(total["behind_max_ms"], r["behind_max_ms"])
+        total["gc_pauses"] += r.get("gc_pauses", 0)
+        total["gc_pause_total_ms"] += r.get("gc_pause_total_ms", 0.0)
+        total["gc_pause_max_ms"] = max(total["gc_pause_max_ms"], r.get("gc_pause_max_ms", 0.0))
         for section in ("sent", "acked", "recv"):
             for role, n in r[section].items():
                 total[f"{section}_{role}"] += n

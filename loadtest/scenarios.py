@@ -668,7 +668,13 @@ def _chat_result(
     res["size_bytes"] = args.size
     res["delivered_per_s"] = delivered
     res["sent_per_s"] = _rate_in(m["series"]["sent/s"], args.duration)
-    res["generator"] = {"skipped_busy": m["skipped"], "behind_max_ms": m["behind_max_ms"]}
+    res["generator"] = {
+        "skipped_busy": m["skipped"],
+        "behind_max_ms": m["behind_max_ms"],
+        "gc_pauses": m["gc_pauses"],
+        "gc_pause_max_ms": m["gc_pause_max_ms"],
+        "gc_pause_total_ms": round(m["gc_pause_total_ms"], 1),
+    }
     res["server_cpu_rss"] = setup.server_summary(t_go)
     res["server_cpu_us_per_msg"] = cpu_per_message(res["server_cpu_rss"], delivered)
     res["machine_stalls"] = setup.stalls()

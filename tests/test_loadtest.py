@@ -95,6 +95,8 @@ def test_chat_accounts_for_every_message(tmp_path: Path) -> None:
     assert stalls["cpus"] == "any" and stalls["policy"] in ("fifo", "normal")
     assert 700 <= stalls["wakeups"] <= 1_500  # a 1 ms sleep at a time over 1.5 s
     assert stalls["late_over_5ms"] <= stalls["late_over_1ms"] <= stalls["wakeups"]
+    gen = res["generator"]
+    assert gen["gc_pauses"] >= 0 and gen["gc_pause_total_ms"] >= gen["gc_pause_max_ms"] >= 0
 
 
 def test_pin_puts_the_server_and_the_load_generator_on_their_own_cpus(tmp_path: Path) -> None:
@@ -210,6 +212,28 @@ def test_the_stall_probe_sees_a_stall_of_its_process() -> None:
     later.start(time.monotonic_ns() + 5_000_000_000, 1.0)
     later.stop()
     assert later.result() == {"error": "not started"}
+
+
+def test_a_worker_counts_its_garbage_collections_while_traffic_runs() -> None:
+    """A collection in a load generator process delays its frames like a slow server would:
+    the worker times those that happen while it sends, and only those."""
+    import gc
+
+    from loadtest.clients import Worker
+
+    w = Worker({"wid": 0, "ws_url": "ws://127.0.0.1:9/ws"}, None)  # type: ignore[arg-type]
+    try:
+        gc.collect()  # no traffic: not counted
+        assert w.gc_pauses == 0
+        w.running = True
+        gc.collect()
+        gc.collect()
+        assert w.gc_pauses == 2
+        assert w.gc_pause_total_ms >= w.gc_pause_max_ms > 0
+        report = w.report()
+        assert report["gc_pauses"] == 2 and report["gc_pause_max_ms"] > 0
+    finally:
+        gc.callbacks.remove(w._on_gc)
 
 
 def test_cpu_per_message_is_the_mean_cpu_over_the_delivered_rate() -> None:
