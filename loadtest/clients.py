@@ -764,7 +764,7 @@ class Worker:
             "behind_max_ms": round(self.behind_max_ms, 1),
             "gc_pauses": self.gc_pauses,
             "gc_pause_max_ms": round(self.gc_pause_max_ms, 2),
-            "gc_pause_total_ms": round(self.gc_pause_total_ms, 1),
+            "gc_pause_total_ms": round(self.gc_pause_total_ms, 2),
             "dropped": self.dropped,
             "retried_1013": self.retried_1013,
             "up_per_node": [

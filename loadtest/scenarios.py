@@ -673,7 +673,7 @@ def _chat_result(
         "behind_max_ms": m["behind_max_ms"],
         "gc_pauses": m["gc_pauses"],
         "gc_pause_max_ms": m["gc_pause_max_ms"],
-        "gc_pause_total_ms": round(m["gc_pause_total_ms"], 1),
+        "gc_pause_total_ms": round(m["gc_pause_total_ms"], 2),
     }
     res["server_cpu_rss"] = setup.server_summary(t_go)
     res["server_cpu_us_per_msg"] = cpu_per_message(res["server_cpu_rss"], delivered)

@@ -66,7 +66,7 @@ def probe(seconds: float, start_ns: int | None = None) -> dict[str, Any]:
         "late_over_1ms": over1,
         "late_over_5ms": over5,
         "late_max_ms": round(late_max / 1e6, 2),
-        "late_total_ms": round(late_total / 1e6, 1),
+        "late_total_ms": round(late_total / 1e6, 2),
     }
 
 
