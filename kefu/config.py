@@ -208,6 +208,10 @@ class WsConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     outbound_limit_bytes: Annotated[int, Meta(ge=64 * KiB, le=GiB)] = MiB
     max_connections: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
     read_buffer_bytes: Annotated[int, Meta(ge=256, le=MiB)] = 2 * KiB
+    # After a write, keep polling the sockets without sleeping this long (microseconds; 0:
+    # off): a node with a core of its own then does not halt between messages (kefu.web.ws,
+    # "Busy polling").
+    busy_poll_us: Annotated[int, Meta(ge=0, le=100_000)] = 0
     # A conformance-test aid: on this path the WebSocket front echoes every message instead of
     # speaking the chat protocol (the Autobahn test suite drives an echo server). None: off.
     echo_path: UrlPath | None = None

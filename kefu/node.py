@@ -2963,6 +2963,7 @@ _WS_COUNTERS: Final = frozenset(
         "auth_failures",
         "write_batches",
         "write_batched_frames",
+        "busy_polls",
         "refused",
         "frames_in",
         "frames_out",

@@ -1,6 +1,6 @@
 """A bare picows relay speaking just enough of PROTOCOL.md for the load generator: the yardstick.
 
-    python -m loadtest.relay [--host 127.0.0.1] [--port 0]
+    python -m loadtest.relay [--host 127.0.0.1] [--port 0] [--busy-poll-us 0]
 
 It does what a chat server must do per message and nothing else: decode the ``send`` frame
 (msgspec), give it the conversation's next ``seq``, ``ack`` the sender, and push one encoded
@@ -9,6 +9,9 @@ auth: a visitor's token ``v:<conv>:<agent>`` names its conversation and agent, a
 is ``a:<agent>``. ``python -m loadtest relay`` runs the ``chat`` workload against it, so
 ``kefu / relay`` is the price of everything kefu adds (persistence before the ack, checks,
 routing, accounting) on the same machine in the same run.
+
+``--busy-poll-us N`` polls without sleeping for N microseconds after each message, as kefu's
+``ws.busy_poll_us`` does (``python -m loadtest relay --busy-poll-us N`` gives both the same).
 
 Bounds: one entry per live connection and per conversation seen (both gone with the process;
 the load generator's conversation count is bounded). It prints ``relay: ws listening on
@@ -66,11 +69,27 @@ _encode = msgspec.json.Encoder().encode
 
 
 class Relay:
-    def __init__(self) -> None:
+    def __init__(self, busy_poll_us: int = 0) -> None:
         self.visitors: dict[str, WSTransport] = {}
         self.agents: dict[str, WSTransport] = {}
         self.agent_of: dict[str, str] = {}
         self.seqs: dict[str, int] = {}
+        self.busy_poll_s = busy_poll_us / 1e6
+        self._busy_until = 0.0
+        self._polling = False
+
+    def kick(self) -> None:
+        """A message went out: poll without sleeping for ``busy_poll_s`` (module doc)."""
+        self._busy_until = time.monotonic() + self.busy_poll_s
+        if not self._polling:
+            self._polling = True
+            asyncio.get_running_loop().call_soon(self._poll)
+
+    def _poll(self) -> None:
+        if time.monotonic() >= self._busy_until:
+            self._polling = False
+            return
+        asyncio.get_running_loop().call_soon(self._poll)
 
     def listener(self, _request: WSUpgradeRequest) -> WSListener:
         return _Conn(self)
@@ -128,6 +147,8 @@ class _Conn(WSListener):
                 v.send(WSMsgType.TEXT, out)
             if a is not None:
                 a.send(WSMsgType.TEXT, out)
+            if r.busy_poll_s:
+                r.kick()
         elif f.type == "hello":
             self._hello(transport, f.token)
         elif f.type == "status":
@@ -180,8 +201,8 @@ class _Conn(WSListener):
             del table[key]
 
 
-async def serve(host: str, port: int) -> None:
-    relay = Relay()
+async def serve(host: str, port: int, busy_poll_us: int = 0) -> None:
+    relay = Relay(busy_poll_us)
     server = await ws_create_server(relay.listener, host, port, websocket_handshake_timeout=10)
     bound = server.sockets[0].getsockname()[1]
     print(f"relay: ws listening on ws://{host}:{bound}/ws", flush=True)
@@ -198,12 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.relay", description=__doc__)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument(
+        "--busy-poll-us", type=int, default=0, help="poll without sleeping after a message"
+    )
     args = p.parse_args(argv)
     import resource
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    uvloop.run(serve(args.host, args.port))
+    uvloop.run(serve(args.host, args.port, args.busy_poll_us))
     return 0
 
 

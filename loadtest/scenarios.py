@@ -127,6 +127,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "the others (no core shared between them)",
     )
     p.add_argument(
+        "--busy-poll-us",
+        type=int,
+        default=0,
+        metavar="US",
+        help="with --spawn: the node's ws.busy_poll_us (and the relay's): poll without "
+        "sleeping for US microseconds after a write; for a server with a core of its own",
+    )
+    p.add_argument(
         "--server-profile",
         metavar="FILE",
         help="with --spawn: `kefu serve --profile FILE` (node k of a cluster: FILE.k); "
@@ -149,6 +157,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.rate = 0.0
     if args.duration is None:
         args.duration = 10.0
+    if not 0 <= args.busy_poll_us <= 100_000:
+        p.error("--busy-poll-us must be in 0..100000")
     if args.visitors < 1 or args.duration <= 0 or args.rate < 0 or args.window < 1:
         p.error("--visitors >= 1, --duration > 0, --rate >= 0, --window >= 1")
     if args.url and args.spawn:
@@ -222,6 +232,8 @@ class Setup:
             server_cpus, client_cpus = pin_cpus()
             self.server_cpus = server_cpus
             self.info["pinned"] = {"server": sorted(server_cpus), "clients": sorted(client_cpus)}
+        if args.busy_poll_us:
+            self.info["busy_poll_us"] = args.busy_poll_us
         self.bot = scenario == "bot"
         n = args.visitors
         nodes = self.nodes = args.nodes
@@ -253,7 +265,12 @@ class Setup:
         urls: list[tuple[str, str]] = []
         if relay:
             server = SpawnedServer(
-                connections=n + m, agent_tokens=[], conversations=n, relay=True, cpus=server_cpus
+                connections=n + m,
+                agent_tokens=[],
+                conversations=n,
+                relay=True,
+                cpus=server_cpus,
+                busy_poll_us=args.busy_poll_us,
             )
             self.servers.append(server)
             tokens = [f"a:{j}" for j in range(m)]
@@ -280,6 +297,7 @@ class Setup:
                         agent_chats=chats,
                         profile=profile,
                         cpus=server_cpus,
+                        busy_poll_us=args.busy_poll_us,
                     )
                 )
             if self.redis is not None:

@@ -82,15 +82,18 @@ class SpawnedServer:
         agent_chats: list[int] | None = None,
         profile: str | None = None,
         cpus: set[int] | None = None,
+        busy_poll_us: int = 0,
     ) -> None:
         """``agent_chats``: each agent's ``max_chats`` (default: the conversations spread
         evenly, at most :data:`MAX_CHATS`); ``cluster_url``: join the cluster of that Redis;
         ``profile``: the node writes a cProfile of its run there when it stops; ``cpus``: the
-        process (every thread it starts) runs on those CPUs only."""
+        process (every thread it starts) runs on those CPUs only; ``busy_poll_us``: the
+        server's ``ws.busy_poll_us`` (the relay's ``--busy-poll-us``)."""
         self.dir = Path(tempfile.mkdtemp(prefix="kefu-loadtest-"))
         self.cluster_url = cluster_url
         self.agent_chats = agent_chats
         self.relay = relay
+        self.busy_poll_us = busy_poll_us
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         root = str(Path(__file__).resolve().parent.parent)  # run this checkout
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -98,6 +101,7 @@ class SpawnedServer:
             env.pop(name, None)
         if relay:
             cmd = [sys.executable, "-m", "loadtest.relay", "--port", "0"]
+            cmd += ["--busy-poll-us", str(busy_poll_us)]
         else:
             cmd = self._kefu_command(connections, agent_tokens, conversations, bot)
             if profile:
@@ -138,6 +142,7 @@ class SpawnedServer:
             "ws": {
                 "rate": {"per_second": 100_000.0, "burst": 100_000},
                 "max_connections": max(10_000, connections + 1_000),
+                "busy_poll_us": self.busy_poll_us,
             },
             # Conversations nobody takes (idle, bot handoffs) wait in the queue.
             "routing": {"max_queue": max(10_000, conversations + 1_000)},

@@ -236,6 +236,43 @@ def test_a_worker_counts_its_garbage_collections_while_traffic_runs() -> None:
         gc.callbacks.remove(w._on_gc)
 
 
+def test_busy_polling_reaches_the_spawned_node_and_the_relay(tmp_path: Path) -> None:
+    """``--busy-poll-us``: the spawned node's config has ``ws.busy_poll_us``; the relay polls
+    for its window after a message, then stops."""
+    import asyncio
+
+    import yaml
+
+    from loadtest.relay import Relay
+    from loadtest.server import SpawnedServer
+
+    server = SpawnedServer.__new__(SpawnedServer)  # the config alone, no process
+    server.dir, server.cluster_url, server.agent_chats = tmp_path, None, None
+    server.busy_poll_us = 750
+    cmd = server._kefu_command(10, ["t0"], 10, False)
+    config = yaml.safe_load(Path(cmd[cmd.index("--config") + 1]).read_text(encoding="utf-8"))
+    assert config["ws"]["busy_poll_us"] == 750
+
+    async def relay_polls() -> tuple[bool, bool]:
+        relay = Relay(busy_poll_us=20_000)
+        relay.kick()
+        await asyncio.sleep(0.005)
+        during = relay._polling
+        await asyncio.sleep(0.06)
+        return during, relay._polling
+
+    assert asyncio.run(relay_polls()) == (True, False)
+    bad = subprocess.run(
+        [sys.executable, "-m", "loadtest", "chat", "--busy-poll-us", "-1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        stdin=subprocess.DEVNULL,
+    )
+    assert bad.returncode == 2 and "--busy-poll-us must be in 0..100000" in bad.stderr
+
+
 def test_cpu_per_message_is_the_mean_cpu_over_the_delivered_rate() -> None:
     # 97.7 % of a core for 21,321 messages a second: 45.8 us of CPU each.
     assert cpu_per_message({"cpu_mean_pct": 97.7}, 21_321.0) == 45.8

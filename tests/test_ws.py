@@ -758,3 +758,34 @@ def test_frames_of_one_turn_are_coalesced_and_arrive_whole_in_order(
             await ws.close()
 
     run(body)
+
+
+def test_busy_polling_runs_for_its_window_after_a_write_then_stops() -> None:
+    """``ws.busy_poll_us``: after the server writes, its loop keeps polling without sleeping
+    for that window (counted in ``busy_polls``), then sleeps again; off, it never does."""
+
+    async def body() -> None:
+        async with serving(busy_poll_us=50_000) as (server, _, url):
+            ws = await hello(url)
+            await ws.send(send_frame())
+            assert (await recv_json(ws))["type"] == "ack"
+            during = server.stats()["busy_polls"]
+            await asyncio.sleep(0.2)  # four windows: the last write's has passed
+            after = server.busy_polls
+            assert after > during > 0  # it polled through the window after the ack
+            await asyncio.sleep(0.1)
+            assert server.busy_polls == after  # and stopped: nothing was written since
+            assert not server._busy_polling
+            await ws.send(send_frame("again", "m2"))  # a new write opens a new window
+            assert (await recv_json(ws))["type"] == "ack"
+            await until(lambda: server.busy_polls > after)
+            await ws.close()
+        async with serving() as (server, _, url):
+            ws = await hello(url)
+            await ws.send(send_frame())
+            assert (await recv_json(ws))["type"] == "ack"
+            await asyncio.sleep(0.05)
+            assert server.busy_polls == 0 and not server._busy_polling
+            await ws.close()
+
+    run(body)

@@ -71,6 +71,16 @@ Decisions
   ``after_ack``): its frames wait for the end of the turn, or on a saturated node the clients
   would answer within the same poll, and the loop would read on for seconds, its timers and
   callbacks waiting.
+- **Busy polling** (``ws.busy_poll_us``, off by default): after the node writes frames, the
+  loop keeps polling its sockets without sleeping for that long (a callback that puts itself
+  back in the ready queue, so each turn polls with a zero timeout), then sleeps again. On a
+  virtual machine an idle CPU halts and hands its core back to the host, and the next frame
+  then finds it to be woken and its caches cold: at 10,000 msgs/s, with the loop idle a
+  quarter of the time in gaps under a millisecond, p50 went from 1.04-1.12 to 0.86-1.05 ms
+  and p99 from 5.8 / 9.7 / 17.1 to 4.6 / 7.2 / 6.8 ms in three alternating pairs. The price is
+  the core: it stays busy while traffic flows (the node's CPU reads 92-94 % where it read
+  70-75 %), so it is for a node with a core of its own. The turns spent so are counted
+  (``busy_polls``).
 - **Slow consumer**: frames go straight to the transport while it takes them. When its buffer
   passes :data:`TRANSPORT_HIGH_WATER` (picows forwards ``pause_writing``), frames wait in the
   connection's ``OutboundQueue`` until ``resume_writing``; a push past
@@ -1042,6 +1052,10 @@ class WsServer:
         # Connections with frames collected this loop turn (module doc, "Write coalescing"):
         # at most one entry per connection and turn, so bounded by the connections.
         self._dirty: list[Connection] = []
+        self._busy_poll_s = config.busy_poll_us / 1e6  # module doc, "Busy polling"
+        self._busy_until = 0.0
+        self._busy_polling = False
+        self.busy_polls = 0
         self.batches_written = 0
         self.batched_frames = 0
         self._server: asyncio.AbstractServer | None = None
@@ -1091,6 +1105,20 @@ class WsServer:
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             conn._flush_batch()
+        if self._busy_poll_s:
+            self._busy_until = time.monotonic() + self._busy_poll_s
+            if not self._busy_polling:
+                self._busy_polling = True
+                self._loop.call_soon(self._busy_poll)
+
+    def _busy_poll(self) -> None:
+        """One turn of busy polling (module doc): back in the ready queue until the window
+        after the last write has passed, or the server stops."""
+        if self._stopping or time.monotonic() >= self._busy_until:
+            self._busy_polling = False
+            return
+        self.busy_polls += 1
+        self._loop.call_soon(self._busy_poll)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -1105,6 +1133,7 @@ class WsServer:
             "slow_consumer_closes": self.slow_consumer_closes,
             "write_batches": self.batches_written,
             "write_batched_frames": self.batched_frames,
+            "busy_polls": self.busy_polls,
             "rate_limit_closes": self.rate_limit_closes,
             "hello_timeouts": self.hello_timeouts,
             "pong_timeouts": self.pong_timeouts,
