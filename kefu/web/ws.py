@@ -75,12 +75,12 @@ Decisions
   loop keeps polling its sockets without sleeping for that long (a callback that puts itself
   back in the ready queue, so each turn polls with a zero timeout), then sleeps again. On a
   virtual machine an idle CPU halts and hands its core back to the host, and the next frame
-  then finds it to be woken and its caches cold: at 10,000 msgs/s, with the loop idle a
-  quarter of the time in gaps under a millisecond, p50 went from 1.04-1.12 to 0.86-1.05 ms
-  and p99 from 5.8 / 9.7 / 17.1 to 4.6 / 7.2 / 6.8 ms in three alternating pairs. The price is
-  the core: it stays busy while traffic flows (the node's CPU reads 92-94 % where it read
-  70-75 %), so it is for a node with a core of its own. The turns spent so are counted
-  (``busy_polls``).
+  then finds it to be woken and its caches cold. At 10,000 msgs/s, with the loop idle a
+  quarter of the time in gaps under a millisecond, p99 was lower with a 2 ms window in six
+  alternating pairs of six (``loadtest/README.md``, "session 18"), on a machine too noisy for
+  one figure. The price is the core: it stays busy while traffic flows (the node's CPU reads
+  92-94 % where it read 70-80 %), so it is for a node with a core of its own. The turns spent
+  so are counted (``busy_polls``).
 - **Slow consumer**: frames go straight to the transport while it takes them. When its buffer
   passes :data:`TRANSPORT_HIGH_WATER` (picows forwards ``pause_writing``), frames wait in the
   connection's ``OutboundQueue`` until ``resume_writing``; a push past
