@@ -47,6 +47,19 @@ def _run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], 
     return proc, json.loads(reports[0].read_text(encoding="utf-8"))
 
 
+def _refused(args: list[str], message: str) -> None:
+    """``python -m loadtest ARGS`` refuses its arguments: exit 2 with ``message``."""
+    bad = subprocess.run(
+        [sys.executable, "-m", "loadtest", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        stdin=subprocess.DEVNULL,
+    )
+    assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+
+
 def _check_header(report: dict[str, Any]) -> None:
     env = report["environment"]
     for key in ("host", "cpu", "cpus", "python", "packages", "commit", "command"):
@@ -127,15 +140,7 @@ def test_pin_puts_the_server_and_the_load_generator_on_their_own_cpus(tmp_path: 
         assert res[side]["machine_late_over_5ms"] is not None
         assert res[side]["machine_late_max_ms"] >= 0
     assert f"server CPU per message {kcpu} us vs {rcpu} us" in proc.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "loadtest", "chat", "--spawn", "--nodes", "2", "--pin"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-        stdin=subprocess.DEVNULL,
-    )
-    assert bad.returncode == 2 and "--pin needs --spawn, one node" in bad.stderr
+    _refused(["chat", "--spawn", "--nodes", "2", "--pin"], "--pin needs --spawn, one node")
 
 
 def test_storm_resumes_everyone_without_loss(tmp_path: Path) -> None:
@@ -262,15 +267,7 @@ def test_busy_polling_reaches_the_spawned_node_and_the_relay(tmp_path: Path) -> 
         return during, relay._polling
 
     assert asyncio.run(relay_polls()) == (True, False)
-    bad = subprocess.run(
-        [sys.executable, "-m", "loadtest", "chat", "--busy-poll-us", "-1"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-        stdin=subprocess.DEVNULL,
-    )
-    assert bad.returncode == 2 and "--busy-poll-us must be in 0..100000" in bad.stderr
+    _refused(["chat", "--busy-poll-us", "-1"], "--busy-poll-us must be in 0..100000")
 
 
 def test_cpu_per_message_is_the_mean_cpu_over_the_delivered_rate() -> None:

@@ -95,6 +95,34 @@ async def chat_with_agent(node: Node) -> tuple[ClientConnection, ClientConnectio
     return agent, visitor, conv
 
 
+class HeldAcks:
+    """The store's answers to its writes held back: each batch is written to RocksDB, and its
+    acks and deliveries wait until :meth:`release` (a write in that window, made on demand)."""
+
+    def __init__(self, node: Node) -> None:
+        self.writer = node.store.writer
+        self._real = self.writer._ack
+        self.batches: list[Any] = []
+        self.writer._ack = self.batches.append  # type: ignore[method-assign]
+
+    def written(self) -> int:
+        """The writes held so far."""
+        return sum(len(entries) for entries in self.batches)
+
+    async def until(self, writes: int) -> int:
+        """Waits (2 s at most) until ``writes`` writes are held; how many are."""
+        for _ in range(200):
+            if self.written() >= writes:
+                break
+            await asyncio.sleep(0.01)
+        return self.written()
+
+    def release(self) -> None:
+        self.writer._ack = self._real  # type: ignore[method-assign]
+        for entries in self.batches:
+            self._real(entries)
+
+
 def test_visitor_and_agent_talk(tmp_path: Path) -> None:
     async def body() -> None:
         node = Node(make_config(tmp_path))
@@ -378,16 +406,9 @@ def test_resume_during_a_write_delivers_the_message_once(tmp_path: Path) -> None
             assert (await say(visitor, conv, "m1", "first"))["seq"] == 1
             assert (await recv(agent, "msg"))["seq"] == 1
             # Hold the answers of the writes: the batch is written, its futures wait.
-            writer = node.store.writer
-            real_ack = writer._ack
-            held: list[Any] = []
-            writer._ack = lambda entries: held.append(entries)  # type: ignore[method-assign]
+            held = HeldAcks(node)
             await send(visitor, type="send", conv=conv, client_msg_id="m2", text="second")
-            for _ in range(200):
-                if held:
-                    break
-                await asyncio.sleep(0.01)
-            assert held, "the write of m2 was not attempted"
+            assert await held.until(1) == 1, "the write of m2 was not attempted"
             stored, _ = node.store.history(node._session(conv).id, 1, 10)
             assert [m.seq for m in stored] == [2]  # in RocksDB already
             # No ring for the conversation (as after a restart, or evicted): the replay reads
@@ -399,9 +420,7 @@ def test_resume_during_a_write_delivers_the_message_once(tmp_path: Path) -> None
             )
             resumed = await recv(again, "resumed")
             assert (resumed["from_seq"], resumed["to_seq"]) == (2, 1)  # nothing replayed yet
-            writer._ack = real_ack  # type: ignore[method-assign]
-            for entries in held:
-                real_ack(entries)
+            held.release()
             got = await recv(again, "msg")
             assert (got["seq"], got["text"]) == (2, "second")
             assert (await recv(visitor, "ack"))["seq"] == 2  # m2's ack, held until now
@@ -426,24 +445,12 @@ def test_sends_of_both_paths_in_one_batch_are_delivered_in_seq_order(tmp_path: P
         await node.start()
         try:
             agent, visitor, conv = await chat_with_agent(node)
-            writer = node.store.writer
-            real_ack = writer._ack
-            held: list[Any] = []
-            writer._ack = lambda entries: held.append(entries)  # type: ignore[method-assign]
+            held = HeldAcks(node)
             rest = asyncio.create_task(node.send_message(conv, "over rest", "r1"))
-            for _ in range(200):
-                if held:
-                    break
-                await asyncio.sleep(0.01)
+            await held.until(1)
             await send(agent, type="send", conv=conv, client_msg_id="a1", text="over ws")
-            for _ in range(200):
-                if sum(len(entries) for entries in held) >= 2:
-                    break
-                await asyncio.sleep(0.01)
-            assert sum(len(entries) for entries in held) == 2, held
-            writer._ack = real_ack  # type: ignore[method-assign]
-            for entries in held:
-                real_ack(entries)
+            assert await held.until(2) == 2, held.batches
+            held.release()
             assert (await rest).seq == 1
             assert [(await recv(visitor, "msg"))["seq"] for _ in range(2)] == [1, 2]
             got = [await recv(agent) for _ in range(3)]
@@ -469,31 +476,18 @@ def test_pipelined_sends_are_taken_together_and_what_follows_waits_for_them(
         await node.start()
         try:
             agent, visitor, conv = await chat_with_agent(node)
-            writer = node.store.writer
-            real_ack = writer._ack
-            held: list[Any] = []
-            writer._ack = lambda entries: held.append(entries)  # type: ignore[method-assign]
-
-            def written() -> int:
-                return sum(len(entries) for entries in held)
-
+            held = HeldAcks(node)
             for i in (1, 2, 3):
                 await send(visitor, type="send", conv=conv, client_msg_id=f"m{i}", text=f"t{i}")
-            for _ in range(200):
-                if written() >= 3:
-                    break
-                await asyncio.sleep(0.01)
-            assert written() == 3  # none of them waited for the answer to the one before
+            assert await held.until(3) == 3  # none of them waited for the answer to the one before
             await send(visitor, type="send", conv=conv, client_msg_id="m2", text="t2")
             await send(visitor, type="ping")
             with contextlib.suppress(TimeoutError):
                 while True:  # the conversation's ``assigned`` may still come, nothing else
                     early = json.loads(await asyncio.wait_for(visitor.recv(), 0.3))
                     assert early["type"] == "assigned", f"answered before the sends: {early}"
-            assert written() == 3  # the repeat was not written
-            writer._ack = real_ack  # type: ignore[method-assign]
-            for entries in held:
-                real_ack(entries)
+            assert held.written() == 3  # the repeat was not written
+            held.release()
             got = [
                 json.loads(await asyncio.wait_for(visitor.recv(), RECV_TIMEOUT)) for _ in range(8)
             ]
@@ -528,22 +522,14 @@ def test_sends_past_the_nowait_bound_wait_in_the_inbox(tmp_path: Path) -> None:
         await node.start()
         try:
             agent, visitor, conv = await chat_with_agent(node)
-            writer = node.store.writer
-            real_ack = writer._ack
-            held: list[Any] = []
-            writer._ack = lambda entries: held.append(entries)  # type: ignore[method-assign]
+            held = HeldAcks(node)
             total = NOWAIT_MAX + 3
             for i in range(total):
                 await send(visitor, type="send", conv=conv, client_msg_id=f"m{i}", text=f"{i}")
-            for _ in range(300):
-                if sum(len(entries) for entries in held) >= NOWAIT_MAX:
-                    break
-                await asyncio.sleep(0.01)
+            await held.until(NOWAIT_MAX)
             await asyncio.sleep(0.2)  # time for any send past the bound to be written
-            assert sum(len(entries) for entries in held) == NOWAIT_MAX
-            writer._ack = real_ack  # type: ignore[method-assign]
-            for entries in held:
-                real_ack(entries)
+            assert held.written() == NOWAIT_MAX
+            held.release()
             acks = [await recv(visitor, "ack") for _ in range(total)]
             assert [a["seq"] for a in acks] == list(range(1, total + 1))
             assert [a["client_msg_id"] for a in acks] == [f"m{i}" for i in range(total)]
