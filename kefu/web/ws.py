@@ -10,11 +10,10 @@ Decisions
   each after the previous one's handler call returned: answers keep the order of the commands
   (an ``error`` for a bad frame comes after the ``ack`` of the ``send`` before it), and the
   node never sees two commands of one client at once (but for the sends of the next point).
-  The inbox between the socket and the
-  handler is bounded (:data:`INBOX_FRAMES` frames, :data:`INBOX_BYTES` bytes); a command that
-  does not fit is refused like one over the token bucket (``rate_limited``, and it counts
-  towards the 4029 close). The worker task exists only while the inbox is not empty, so an
-  idle connection holds no task.
+  The inbox between the socket and the handler is bounded (:data:`INBOX_FRAMES` frames,
+  :data:`INBOX_BYTES` bytes); a command that does not fit is refused like one over the token
+  bucket (``rate_limited``, and it counts towards the 4029 close). The worker task exists
+  only while the inbox is not empty, so an idle connection holds no task.
 - **Sends without a task.** A ``send`` arriving while its connection has nothing in hand but
   sends taken this way (the common case: a client waits for its ack, or pipelines a few sends)
   is offered to the handler's optional ``on_send_nowait``, which stores it and answers from
