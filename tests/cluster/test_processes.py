@@ -464,6 +464,13 @@ def test_redis_stopped_for_5s_during_traffic(start_nodes: Any, durable_redis: Re
         # Redis came back, and she reconnects, as the workbench does.
         code, _ = await alice.closed()
         assert code == 1012, code
+
+        # Redis kept her as available from before the outage until n0 reports the close: wait
+        # for that report, so that "online" below is her new connection's and not the old one.
+        async def offline() -> bool:
+            return (await stats(url))["agents_available"] == 0
+
+        await until(offline, what="alice's closed connection reported")
         alice = await n0.agent("alice")
         await until(online, what="alice online again")
         # The cluster works again: a new conversation is routed to alice.
