@@ -269,6 +269,7 @@ def plot(report: dict[str, Any], hists: dict[str, LatencyHistogram], path: Path)
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("no PNG: matplotlib is not installed (pip install 'kefu[loadtest]')", file=sys.stderr)
         return False
@@ -295,6 +296,11 @@ def plot(report: dict[str, Any], hists: dict[str, LatencyHistogram], path: Path)
             ax1.plot(x, y, label=f"{LATENCY_NAMES.get(name, name)} (n={h.total:,})")
             drew = True
     ax1.set_xscale("log")
+    # Milliseconds as numbers at 1, 2 and 5 of each decade, and no labels on the minor ticks:
+    # over less than two decades matplotlib labels those too, and they overlap.
+    ax1.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax1.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax1.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax1.set_xlabel("latency (ms)")
     ax1.set_ylabel("fraction at or below")
     ax1.set_title("latency CDF")
@@ -304,7 +310,9 @@ def plot(report: dict[str, Any], hists: dict[str, LatencyHistogram], path: Path)
     series = res.get("series", {})
     for name, values in series.items():
         if values:
-            ax2.plot(range(len(values)), values, label=name)
+            # Markers too: a run of a second or two has a point or two, which a line alone
+            # would not show.
+            ax2.plot(range(len(values)), values, label=name, marker="o", markersize=3)
     ax2.set_xlabel("s since traffic start")
     ax2.set_ylabel("visitor messages/s")
     ax2.set_ylim(bottom=0)
@@ -325,10 +333,11 @@ def plot(report: dict[str, Any], hists: dict[str, LatencyHistogram], path: Path)
                 label=f"{name} CPU %",
             )
         ax3.set_ylabel("CPU % (dashed)")
+        ax3.set_ylim(bottom=0)  # from zero, as the throughput: 2 % must not look like 100
         if len(cpu_series) > 1:
-            ax3.legend(fontsize=7, loc="upper right")
+            ax3.legend(fontsize=7, loc="lower right")
     if series:
-        ax2.legend(fontsize=8, loc="upper left")
+        ax2.legend(fontsize=8, loc="lower left")  # the rate runs along the top
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -21,7 +21,7 @@ import pytest
 
 from loadtest.clients import Track
 from loadtest.hist import LatencyHistogram
-from loadtest.report import verdict
+from loadtest.report import plot, verdict
 from loadtest.runner import merge_reports
 from loadtest.scenarios import cpu_per_message
 
@@ -44,7 +44,25 @@ def _run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], 
     assert reports, f"no report written\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
     assert len(reports) == 1
     assert reports[0].with_suffix(".txt").read_text(encoding="utf-8") in proc.stdout
+    _check_png(reports[0].with_suffix(".png"))
     return proc, json.loads(reports[0].read_text(encoding="utf-8"))
+
+
+def _check_png(path: Path) -> None:
+    """The run's PNG (what it draws: ``test_the_png_draws_the_cdf_and_the_throughput``)."""
+    assert path.is_file(), f"no PNG beside the report: {sorted(path.parent.iterdir())}"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width = _coloured(path).shape
+    assert (width, height) == (1300, 500)  # figsize 13 x 5 at 100 dpi
+
+
+def _coloured(path: Path) -> Any:
+    """Which pixels of a PNG are coloured: a plotted line is; the axes, ticks and text (black,
+    gray, white) are not."""
+    import matplotlib.image
+
+    rgb = matplotlib.image.imread(path)[:, :, :3]
+    return (rgb.max(axis=2) - rgb.min(axis=2)) > 0.3
 
 
 def _refused(args: list[str], message: str) -> None:
@@ -268,6 +286,35 @@ def test_busy_polling_reaches_the_spawned_node_and_the_relay(tmp_path: Path) -> 
 
     assert asyncio.run(relay_polls()) == (True, False)
     _refused(["chat", "--busy-poll-us", "-1"], "--busy-poll-us must be in 0..100000")
+
+
+def test_the_png_draws_the_cdf_and_the_throughput(tmp_path: Path) -> None:
+    """Left the latency CDF, right the throughput and the server's CPU: each panel draws its
+    data (a report without the data draws far less there)."""
+    hist = LatencyHistogram()
+    for us in range(100, 20_000, 7):
+        hist.record_ns(us * 1000)
+    report = {
+        "environment": {"cpu": "cpu", "cpus": 2, "python": "3", "packages": {}, "commit": "c" * 40},
+        "result": {
+            "scenario": "chat",
+            "headline": "h",
+            "series": {"sent/s": [9_000, 10_000, 9_500], "delivered/s": [8_900, 10_100, 9_400]},
+            "server_samples": [[0.0, 40.0, 1], [1.0, 60.0, 1], [2.0, 50.0, 1]],
+            "traffic_start_s": 0.0,
+        },
+    }
+    empty = json.loads(json.dumps(report))
+    empty["result"].update(series={}, server_samples=[])
+    drawn = {}
+    for name, rep, hists in (("full", report, {"v2a": hist}), ("empty", empty, {})):
+        path = tmp_path / f"{name}.png"
+        assert plot(rep, hists, path)
+        drawn[name] = _coloured(path)
+    half = drawn["full"].shape[1] // 2
+    for side in (slice(None, half), slice(half, None)):
+        full, bare = int(drawn["full"][:, side].sum()), int(drawn["empty"][:, side].sum())
+        assert full > bare + 300, (full, bare)
 
 
 def test_cpu_per_message_is_the_mean_cpu_over_the_delivered_rate() -> None:
