@@ -308,7 +308,12 @@ def plot(report: dict[str, Any], hists: dict[str, LatencyHistogram], path: Path)
     if drew:
         ax1.legend(fontsize=8)
     series = res.get("series", {})
+    # The traffic window's whole seconds, as the rates in the report (scenarios._rate_in):
+    # what lands after the window, the last sends' answers, is a fraction of a second and
+    # would draw as a collapse.
+    whole = int(res["duration_s"]) if res.get("duration_s") else None
     for name, values in series.items():
+        values = values[:whole]
         if values:
             # Markers too: a run of a second or two has a point or two, which a line alone
             # would not show.

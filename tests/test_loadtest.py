@@ -315,6 +315,17 @@ def test_the_png_draws_the_cdf_and_the_throughput(tmp_path: Path) -> None:
     for side in (slice(None, half), slice(half, None)):
         full, bare = int(drawn["full"][:, side].sum()), int(drawn["empty"][:, side].sum())
         assert full > bare + 300, (full, bare)
+    # What lands after the traffic window (a fraction of a second) is not drawn as a second.
+    tail = json.loads(json.dumps(report))
+    for values in tail["result"]["series"].values():
+        values.append(22)
+    for rep, name in ((report, "window"), (tail, "tail")):
+        rep["result"]["duration_s"] = 3.0
+        assert plot(rep, {"v2a": hist}, tmp_path / f"{name}.png")
+    assert (_coloured(tmp_path / "window.png") == _coloured(tmp_path / "tail.png")).all()
+    del tail["result"]["duration_s"]  # no window (ramp's steps): every second is drawn
+    assert plot(tail, {"v2a": hist}, tmp_path / "all.png")
+    assert (_coloured(tmp_path / "all.png") != _coloured(tmp_path / "tail.png")).any()
 
 
 def test_cpu_per_message_is_the_mean_cpu_over_the_delivered_rate() -> None:
