@@ -11,6 +11,13 @@ connection has nothing else in hand), then runs the loop until every one is acke
 gives the node's CPU per message (``time.process_time``: the group commit, the RocksDB write,
 the ack and the delivery included) and the messages per second of that CPU.
 
+A second case puts the node's WebSocket front before it: every visitor and agent is a real
+:class:`kefu.web.ws.Connection` on a transport that only counts what it is given, each send
+comes in as the bytes of a ``send`` frame (``Connection.on_ws_frame``: the rate limit, the
+decoding, the fast path), and the acks and deliveries leave as bytes (the write coalescing of
+``WsServer.flush_writes``). That is the whole Python of a message between picows and the
+kernel: the load tests' CPU per message less the sockets' and the event loop's share.
+
 The load tests (``python -m loadtest``) measure the same path with real sockets; this one
 leaves the kernel's and the clients' share out, so a change to the Python of the path shows
 in its numbers within a few percent. ``--profile FILE`` writes a cProfile of the rounds.
@@ -28,7 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import uvloop
 
@@ -37,6 +44,7 @@ from kefu.config import AgentConfig, BotConfig, Config, WsConfig
 from kefu.hub import frame_tag
 from kefu.node import Node
 from kefu.protocol import Hello, Send, encode_json
+from kefu.web.ws import Connection, WSMsgType
 
 _IDS = itertools.count(1)
 
@@ -71,12 +79,95 @@ class _Conn:
         self.busy = False
 
 
-async def _measure(
-    conversations: int, rounds: int, profile: str | None
-) -> tuple[float, float, int]:
-    data = Path(tempfile.mkdtemp(prefix="kefu-bench-node-"))
-    agents = max(1, -(-conversations // 100))
-    config = Config(
+_ACK: Final = b'"type":"ack"'
+_MSG: Final = b'"type":"msg"'
+
+
+class _Tally:
+    """What every connection of a run was written."""
+
+    def __init__(self) -> None:
+        self.acks = 0
+        self.msgs = 0
+        self.writes = 0
+
+
+class _Wire:
+    """The part of picows' ``WSTransport`` (and of its underlying transport) a ``Connection``
+    uses: counts the acks and messages written, one frame or a coalesced batch at a time."""
+
+    def __init__(self, tally: _Tally) -> None:
+        self.underlying_transport = self
+        self.tally = tally
+        self.conn: Connection | None = None
+        self.close_handshake = None
+        self.acks = 0
+        self.msgs = 0
+
+    def send(self, opcode: object, data: bytes) -> None:
+        self.write(data)
+
+    def write(self, data: bytes) -> None:
+        acks, msgs = data.count(_ACK), data.count(_MSG)
+        self.acks += acks
+        self.msgs += msgs
+        tally = self.tally
+        tally.writes += 1
+        tally.acks += acks
+        tally.msgs += msgs
+
+    def send_pong(self, data: bytes) -> None:
+        pass
+
+    def send_close(self, code: object, reason: bytes) -> None:
+        self.disconnect()  # the client goes at once
+
+    def disconnect(self, graceful: bool = True) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            asyncio.get_running_loop().call_soon(conn.on_ws_disconnected, self)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40_000) if name == "peername" else default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+
+class _TextFrame:
+    """A whole text frame as picows hands one to ``on_ws_frame``."""
+
+    __slots__ = ("payload",)
+    msg_type = WSMsgType.TEXT
+    fin = True
+    rsv1 = rsv2 = rsv3 = False
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+    def get_payload_as_bytes(self) -> bytes:
+        return self.payload
+
+
+async def _welcomed(node: Node, token: str, tally: _Tally) -> tuple[Connection, _Wire]:
+    """A connection of the node's WebSocket front, through its hello."""
+    assert node.ws is not None
+    wire = _Wire(tally)
+    conn = wire.conn = Connection(node.ws, next(_IDS), False)
+    conn.on_ws_connected(wire)  # type: ignore[arg-type]
+    conn.on_ws_frame(wire, _TextFrame(encode_json(Hello(token=token))))  # type: ignore[arg-type]
+    for _ in range(10_000):
+        if conn.role is not None:
+            break
+        await asyncio.sleep(0)
+    else:
+        raise RuntimeError("no welcome")
+    await asyncio.sleep(0.01)  # on_ready's work (routing, resume) done
+    return conn, wire
+
+
+def _config(data: Path, agents: int) -> Config:
+    return Config(
         data_dir=str(data),
         ws=WsConfig(host="127.0.0.1", port=0),
         agents=[
@@ -86,6 +177,83 @@ async def _measure(
         bot=BotConfig(enabled=False),
         durability="process",
     )
+
+
+async def _measure_ws(
+    conversations: int, rounds: int, profile: str | None
+) -> tuple[float, float, int, float]:
+    data = Path(tempfile.mkdtemp(prefix="kefu-bench-node-"))
+    agents = max(1, -(-conversations // 100))
+    node = Node(_config(data, agents))
+    await node.start()
+    tally = _Tally()
+    try:
+        agent_wires: list[_Wire] = []
+        for i in range(agents):
+            _, wire = await _welcomed(node, f"agent-token-{i:04d}", tally)
+            agent_wires.append(wire)
+            node.pool.set_status(f"a{i}", "online")
+        visitors: list[tuple[Connection, _Wire, str]] = []
+        for _ in range(conversations):
+            conv, _visitor, token, _status, _created = await node.create_chat(name="v")
+            conn, wire = await _welcomed(node, token, tally)
+            visitors.append((conn, wire, conv))
+        # Every frame's bytes made before the clock starts, as a client would have sent them.
+        seq = itertools.count()
+        frames = [
+            [
+                (
+                    conn,
+                    wire,
+                    _TextFrame(
+                        encode_json(
+                            Send(
+                                conv=conv,
+                                client_msg_id=f"m{next(seq)}",
+                                text="hello, is anyone there?",
+                            )
+                        )
+                    ),
+                )
+                for conn, wire, conv in visitors
+            ]
+            for _ in range(rounds)
+        ]
+        acked = tally.acks
+        writes = tally.writes
+        profiler = cProfile.Profile() if profile else None
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
+        for batch in frames:
+            for conn, wire, frame in batch:
+                conn.on_ws_frame(wire, frame)  # type: ignore[arg-type]
+            acked += len(batch)
+            for _ in range(100_000):
+                if tally.acks >= acked:
+                    break
+                await asyncio.sleep(0)
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile)
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        sends = conversations * rounds
+        acks = sum(w.acks for _, w, _ in visitors)
+        delivered = sum(w.msgs for w in agent_wires)
+        if acks != sends or delivered != sends:
+            raise RuntimeError(f"{acks} acks, {delivered} deliveries, {sends} sends")
+        return cpu, wall, sends, (tally.writes - writes) / sends
+    finally:
+        await node.stop()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+async def _measure(
+    conversations: int, rounds: int, profile: str | None
+) -> tuple[float, float, int]:
+    data = Path(tempfile.mkdtemp(prefix="kefu-bench-node-"))
+    agents = max(1, -(-conversations // 100))
+    config = _config(data, agents)
     node = Node(config)
     await node.start()
     try:
@@ -138,11 +306,12 @@ async def _measure(
         shutil.rmtree(data, ignore_errors=True)
 
 
-def run(quick: bool, profile: str | None = None) -> list[Row]:
+def run(quick: bool, profile: str | None = None, front: bool = True) -> list[Row]:
+    """The node's path, then (``front``) the same behind its WebSocket front."""
     conversations, rounds = (1_000, 5) if quick else (2_000, 20)
     cpu, wall, messages = uvloop.run(_measure(conversations, rounds, profile))
     case = f"node per-message path, {conversations:,} conversations (in process)"
-    return [
+    rows = [
         Row(case, "CPU per message", cpu / messages * 1e6, "µs", higher_is_better=False),
         Row(
             case,
@@ -152,13 +321,36 @@ def run(quick: bool, profile: str | None = None) -> list[Row]:
             extra={"wall_msgs_per_s": round(messages / wall), "messages": messages},
         ),
     ]
+    if not front:
+        return rows
+    cpu, wall, messages, writes = uvloop.run(
+        _measure_ws(conversations, rounds, profile and f"{profile}.ws")
+    )
+    case = f"node behind its WebSocket front, {conversations:,} conversations (in process)"
+    rows += [
+        Row(case, "CPU per message", cpu / messages * 1e6, "µs", higher_is_better=False),
+        Row(
+            case,
+            "messages per CPU second",
+            messages / cpu,
+            "msgs/s",
+            extra={
+                "wall_msgs_per_s": round(messages / wall),
+                "messages": messages,
+                "writes_per_message": round(writes, 2),
+            },
+        ),
+    ]
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_node", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print rows as JSON")
     parser.add_argument("--quick", action="store_true", help="a shorter run (smoke run)")
-    parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the rounds")
+    parser.add_argument(
+        "--profile", metavar="FILE", help="write a cProfile of the rounds (FILE.ws: the front's)"
+    )
     args = parser.parse_args(argv)
     rows = run(quick=args.quick, profile=args.profile)
     if args.json:
