@@ -40,6 +40,7 @@ from typing import Any, Final
 import uvloop
 
 from bench._harness import Row
+from kefu.app import tune_gc
 from kefu.config import AgentConfig, BotConfig, Config, WsConfig
 from kefu.hub import frame_tag
 from kefu.node import Node
@@ -221,6 +222,7 @@ async def _measure_ws(
         ]
         acked = tally.acks
         writes = tally.writes
+        tune_gc()  # as `kefu serve` does once started
         profiler = cProfile.Profile() if profile else None
         cpu0, wall0 = time.process_time(), time.perf_counter()
         if profiler is not None:
@@ -275,6 +277,7 @@ async def _measure(
             await node.on_ready(conn, Hello(token=token))  # type: ignore[arg-type]
             visitors.append((conn, conv))
         seq = itertools.count()
+        tune_gc()  # as `kefu serve` does once started
         profiler = cProfile.Profile() if profile else None
         cpu0, wall0 = time.process_time(), time.perf_counter()
         if profiler is not None:
