@@ -513,6 +513,42 @@ def test_pipelined_sends_are_taken_together_and_what_follows_waits_for_them(
     run(body)
 
 
+def test_a_connection_done_with_its_frames_holds_no_inbox(tmp_path: Path) -> None:
+    """A connection keeps a deque for its waiting frames only while some wait (an empty one is
+    760 bytes, which every connection that ever sent would otherwise hold): neither sends taken
+    without a task nor frames that waited in the inbox leave one behind."""
+
+    async def body() -> None:
+        node = Node(make_config(tmp_path))
+        await node.start()
+        try:
+            agent, visitor, conv = await chat_with_agent(node)
+            assert node.ws is not None
+            (conn,) = [c for c in node.ws._conns.values() if c.role == "visitor"]
+            assert (await say(visitor, conv, "m1", "fast"))["seq"] == 1  # taken without a task
+            assert (await recv(agent, "msg"))["seq"] == 1
+            assert conn._inbox is None
+            held = HeldAcks(node)
+            await send(visitor, type="send", conv=conv, client_msg_id="m2", text="taken")
+            assert await held.until(1) == 1
+            await send(visitor, type="ping")  # waits in the inbox for the send's answer
+            for _ in range(100):
+                if conn._inbox:
+                    break
+                await asyncio.sleep(0.01)
+            assert conn._inbox is not None and len(conn._inbox) == 1
+            held.release()
+            assert (await recv(visitor, "ack"))["seq"] == 2
+            await recv(visitor, "pong")
+            assert conn._inbox is None
+            for ws in (agent, visitor):
+                await ws.close()
+        finally:
+            await node.stop()
+
+    run(body)
+
+
 def test_sends_past_the_nowait_bound_wait_in_the_inbox(tmp_path: Path) -> None:
     """At most ``NOWAIT_MAX`` sends of one connection are in the store's queue at once; the
     next wait in the connection's inbox and are stored, in order, once those are answered."""

@@ -411,8 +411,9 @@ class Connection(WSListener):
         self._frag_parts: list[Any] = []
         self._frag_size = 0
         self._frag_utf8: codecs.IncrementalDecoder | None = None
-        # Made when a frame arrives and dropped once handled: an empty deque is 760 bytes,
-        # which an idle connection would hold for nothing.
+        # Made when a frame has to wait and dropped once handled (a send taken without a task
+        # never needs one): an empty deque is 760 bytes, which an idle connection would hold
+        # for nothing.
         self._inbox: deque[tuple[ClientFrame | ProtocolError, int, int]] | None = None
         self._inbox_bytes = 0
         #: The drain task, or _TAKEN while the handler holds sends it took without one.
@@ -795,10 +796,10 @@ class Connection(WSListener):
                 return
             self._state = _AUTH
         size = len(data)
-        inbox = self._inbox
-        if inbox is None:
-            inbox = self._inbox = deque()
-        if len(inbox) >= INBOX_FRAMES or self._inbox_bytes + size > INBOX_BYTES:
+        inbox = self._inbox  # None while empty: made only for a frame that has to wait
+        if (
+            inbox is not None and len(inbox) >= INBOX_FRAMES
+        ) or self._inbox_bytes + size > INBOX_BYTES:
             self._refuse("too many commands in flight")
             return
         worker = self._worker
@@ -825,6 +826,8 @@ class Connection(WSListener):
             if taken:
                 return
             self._untake()
+        if inbox is None:
+            inbox = self._inbox = deque()
         inbox.append((item, size, time.perf_counter_ns()))
         self._inbox_bytes += size
         if self._worker is None:
