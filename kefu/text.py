@@ -39,6 +39,7 @@ import importlib
 import importlib.util
 import logging
 import operator
+import os
 import re
 import threading
 from collections.abc import Callable, Iterable
@@ -135,6 +136,12 @@ def _load_jieba() -> Any:
                     "the jieba tokenizer needs the jieba package: pip install 'kefu[jieba]'"
                 ) from None
             jieba.setLogLevel(logging.WARNING)  # no "Building prefix dict" on stderr
+            # Its own dictionary by path: by default jieba opens it through pkg_resources,
+            # which setuptools no longer ships and which other packages shadow with shims
+            # that lack ``resource_stream``.
+            dictionary = os.path.join(os.path.dirname(jieba.__file__), "dict.txt")
+            if os.path.isfile(dictionary):
+                jieba.set_dictionary(dictionary)
             jieba.initialize()
             _jieba = jieba
         return _jieba

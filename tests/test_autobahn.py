@@ -24,9 +24,11 @@ bounded buffer on the server (the connection stops reading).
 from __future__ import annotations
 
 import asyncio
+import binascii
 import os
 import socket
 import struct
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,25 @@ NOT_OK: dict[str, tuple[str, str, str]] = {
 PICOWS_FAILURES: dict[str, str] = {
     "7.1.2": "Received CLOSE for the second time",
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kosoku_confined() -> Iterator[None]:
+    """kosoku readies the Autobahn cases by changing the interpreter: its case and shim
+    directories go first on ``sys.path`` (with a ``pkg_resources`` shim that has only
+    ``resource_filename``) and ``binascii.b2a_hex`` is wrapped. Those stay this module's: the
+    tests after it in the same process see the interpreter as it was."""
+    path = list(sys.path)
+    modules = set(sys.modules)
+    b2a_hex = binascii.b2a_hex
+    root = str(Path(kosoku.__file__).resolve().parent)
+    yield
+    sys.path[:] = path
+    binascii.b2a_hex = b2a_hex
+    for name in set(sys.modules) - modules:
+        where = getattr(sys.modules[name], "__file__", None) or ""
+        if where.startswith((f"{root}/shim", f"{root}/cases")):
+            del sys.modules[name]
 
 
 @pytest.fixture(scope="module")

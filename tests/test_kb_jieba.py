@@ -4,6 +4,7 @@ every query alike; the configuration refuses it when jieba is missing; the kb co
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +29,27 @@ def test_cjk_runs_are_segmented_into_words() -> None:
     assert get_tokenizer("jieba") is tokenize_jieba and get_tokenizer("default") is tokenize
     with pytest.raises(ValueError, match="unknown tokenizer 'bpe'"):
         get_tokenizer("bpe")
+
+
+def test_jieba_loads_beside_a_pkg_resources_without_resource_stream(tmp_path: Path) -> None:
+    """jieba opens its dictionary through ``pkg_resources`` when it can import one; setuptools
+    no longer ships it, and packages put shims of it on ``sys.path`` (the Autobahn suite's
+    runner does) that lack ``resource_stream``. The tokenizer still loads and segments."""
+    (tmp_path / "pkg_resources.py").write_text('"""A shim: no resource_stream."""\n')
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import pkg_resources; "
+        "assert not hasattr(pkg_resources, 'resource_stream'); "
+        "from kefu.text import tokenize_jieba; print(tokenize_jieba('运费多少? fee'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "['运费', '多少', 'fee']"
 
 
 def test_the_index_and_the_queries_use_the_same_tokenizer(tmp_path: Path) -> None:
