@@ -139,8 +139,9 @@ def _load_jieba() -> Any:
             # Its own dictionary by path: by default jieba opens it through pkg_resources,
             # which setuptools no longer ships and which other packages shadow with shims
             # that lack ``resource_stream``.
-            dictionary = os.path.join(os.path.dirname(jieba.__file__), "dict.txt")
-            if os.path.isfile(dictionary):
+            where = jieba.__file__
+            dictionary = os.path.join(os.path.dirname(where), "dict.txt") if where else ""
+            if dictionary and os.path.isfile(dictionary):
                 jieba.set_dictionary(dictionary)
             jieba.initialize()
             _jieba = jieba
