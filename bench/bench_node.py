@@ -41,7 +41,7 @@ import uvloop
 
 from bench._harness import Row
 from kefu.app import tune_gc
-from kefu.config import AgentConfig, BotConfig, Config, WsConfig
+from kefu.config import AgentConfig, BotConfig, Config, RateConfig, WsConfig
 from kefu.hub import frame_tag
 from kefu.node import Node
 from kefu.protocol import Hello, Send, encode_json
@@ -120,6 +120,9 @@ class _Wire:
     def send_pong(self, data: bytes) -> None:
         pass
 
+    def send_ping(self, data: bytes = b"") -> None:
+        pass
+
     def send_close(self, code: object, reason: bytes) -> None:
         self.disconnect()  # the client goes at once
 
@@ -170,7 +173,14 @@ async def _welcomed(node: Node, token: str, tally: _Tally) -> tuple[Connection, 
 def _config(data: Path, agents: int) -> Config:
     return Config(
         data_dir=str(data),
-        ws=WsConfig(host="127.0.0.1", port=0),
+        # As the load tests' node (loadtest/server.py): no per-connection rate limit to speak
+        # of; and no heartbeat, which these clients would not answer.
+        ws=WsConfig(
+            host="127.0.0.1",
+            port=0,
+            rate=RateConfig(per_second=100_000.0, burst=100_000),
+            ping_interval_s=3600.0,
+        ),
         agents=[
             AgentConfig(id=f"a{i}", name=f"A{i}", token=f"agent-token-{i:04d}", max_chats=100)
             for i in range(agents)
