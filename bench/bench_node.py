@@ -319,41 +319,41 @@ async def _measure(
         shutil.rmtree(data, ignore_errors=True)
 
 
+def _rows(case: str, cpu: float, wall: float, messages: int, **extra: Any) -> list[Row]:
+    """The two rows of a case: CPU per message, and messages per CPU second."""
+    return [
+        Row(case, "CPU per message", cpu / messages * 1e6, "µs", higher_is_better=False),
+        Row(
+            case,
+            "messages per CPU second",
+            messages / cpu,
+            "msgs/s",
+            extra={"wall_msgs_per_s": round(messages / wall), "messages": messages, **extra},
+        ),
+    ]
+
+
 def run(quick: bool, profile: str | None = None, front: bool = True) -> list[Row]:
     """The node's path, then (``front``) the same behind its WebSocket front."""
     conversations, rounds = (1_000, 5) if quick else (2_000, 20)
     cpu, wall, messages = uvloop.run(_measure(conversations, rounds, profile))
-    case = f"node per-message path, {conversations:,} conversations (in process)"
-    rows = [
-        Row(case, "CPU per message", cpu / messages * 1e6, "µs", higher_is_better=False),
-        Row(
-            case,
-            "messages per CPU second",
-            messages / cpu,
-            "msgs/s",
-            extra={"wall_msgs_per_s": round(messages / wall), "messages": messages},
-        ),
-    ]
-    if not front:
-        return rows
-    cpu, wall, messages, writes = uvloop.run(
-        _measure_ws(conversations, rounds, profile and f"{profile}.ws")
+    rows = _rows(
+        f"node per-message path, {conversations:,} conversations (in process)",
+        cpu,
+        wall,
+        messages,
     )
-    case = f"node behind its WebSocket front, {conversations:,} conversations (in process)"
-    rows += [
-        Row(case, "CPU per message", cpu / messages * 1e6, "µs", higher_is_better=False),
-        Row(
-            case,
-            "messages per CPU second",
-            messages / cpu,
-            "msgs/s",
-            extra={
-                "wall_msgs_per_s": round(messages / wall),
-                "messages": messages,
-                "writes_per_message": round(writes, 2),
-            },
-        ),
-    ]
+    if front:
+        cpu, wall, messages, writes = uvloop.run(
+            _measure_ws(conversations, rounds, profile and f"{profile}.ws")
+        )
+        rows += _rows(
+            f"node behind its WebSocket front, {conversations:,} conversations (in process)",
+            cpu,
+            wall,
+            messages,
+            writes_per_message=round(writes, 2),
+        )
     return rows
 
 
