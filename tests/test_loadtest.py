@@ -130,6 +130,24 @@ def test_chat_accounts_for_every_message(tmp_path: Path) -> None:
     assert gen["gc_pauses"] >= 0 and gen["gc_pause_total_ms"] >= gen["gc_pause_max_ms"] >= 0
 
 
+def test_a_rate_not_kept_up_with_says_so_first(tmp_path: Path) -> None:
+    """Two visitors with one send in flight each cannot send 20,000 a second: the first line
+    says the delivered rate fell short of the offered one, and how many sends were skipped."""
+    proc, report = _run(
+        tmp_path,
+        *["chat", "--visitors", "2", "--rate", "20000", "--window", "1", "--duration", "1"],
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]  # short, nothing lost
+    res = report["result"]
+    skipped = res["generator"]["skipped_busy"]
+    assert res["delivered_per_s"] < 0.95 * 20_000 and skipped > 0
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith("OK: 0 lost, 0 duplicated")
+    assert first.endswith(
+        f"short of the 20,000/s offered ({skipped:,} sends skipped, their window full)"
+    )
+
+
 def test_pin_puts_the_server_and_the_load_generator_on_their_own_cpus(tmp_path: Path) -> None:
     import os
 
