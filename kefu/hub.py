@@ -223,6 +223,30 @@ class Hub:
                 sent += 1
         return sent
 
+    def send_pair(self, visitor_id: str, agent_id: str | None, frame: object, kind: str) -> None:
+        """``frame`` (of type ``kind``) to every connection of a conversation's visitor and of
+        its agent: :meth:`send` for those two keys, without an :class:`Encoded` or a list of
+        keys. The fan-out of every message (kefu.node); encoded at most once per encoding."""
+        conns_of = self._conns
+        json_data: bytes | None = None
+        packed: bytes | None = None
+        visitor: Principal = ("visitor", visitor_id)
+        keys = (visitor,) if agent_id is None else (visitor, ("agent", agent_id))
+        for key in keys:
+            conns = conns_of.get(key)
+            if not conns:
+                continue
+            # A copy: a write may close a slow consumer, which then leaves the set.
+            for c in tuple(conns):
+                if c.msgpack:
+                    if packed is None:
+                        packed = encode_msgpack(frame)
+                    c.send_encoded(packed, kind)
+                else:
+                    if json_data is None:
+                        json_data = encode_json(frame)
+                    c.send_encoded(json_data, kind)
+
     def send_role(self, role: str, frames: Iterable[object]) -> None:
         """Each of ``frames`` to every connection of every principal of ``role``."""
         of_role = self._by_role.get(role)

@@ -119,6 +119,58 @@ def test_fan_out_encodes_once_per_encoding(monkeypatch: Any) -> None:
     assert hub.send([("visitor", "v"), ("agent", "alice")], frame, skip=("visitor", "v")) == 1
 
 
+def test_send_pair_reaches_the_visitor_and_the_agent_encoded_once_each(monkeypatch: Any) -> None:
+    """The per-message fan-out: every connection of the conversation's visitor and agent, the
+    frame encoded once per encoding; nobody else; no agent, only the visitor; a connection that
+    leaves the set while it is written to (a slow consumer's close) does not stop the rest."""
+    import kefu.hub as hub_module
+
+    calls = {"json": 0, "msgpack": 0}
+    real_json, real_mp = hub_module.encode_json, hub_module.encode_msgpack
+    monkeypatch.setattr(
+        hub_module,
+        "encode_json",
+        lambda f: calls.__setitem__("json", calls["json"] + 1) or real_json(f),
+    )
+    monkeypatch.setattr(
+        hub_module,
+        "encode_msgpack",
+        lambda f: calls.__setitem__("msgpack", calls["msgpack"] + 1) or real_mp(f),
+    )
+    hub = Hub()
+    tabs = [conn() for _ in range(3)]
+    for c in tabs:
+        hub.register(c, ("visitor", "v"))
+    packed, json_agent, bystander = conn(msgpack=True), conn(), conn()
+    hub.register(packed, ("agent", "alice"))
+    hub.register(json_agent, ("agent", "alice"))
+    hub.register(bystander, ("agent", "bob"))
+
+    class Leaving(FakeConnection):
+        """Closes (leaves the hub) while it is written to."""
+
+        def send_encoded(self, data: bytes, kind: str) -> bool:
+            super().send_encoded(data, kind)
+            hub.unregister(cast(Connection, self))
+            return False
+
+    leaving = Leaving()
+    hub.register(cast(Connection, leaving), ("visitor", "v"))
+    out = msg(7)
+    hub.send_pair("v", "alice", out, "msg")
+    assert calls == {"json": 1, "msgpack": 1}
+    for c in [*tabs, json_agent, leaving]:
+        ((data, kind),) = c.got
+        assert kind == "msg" and msgspec.json.decode(data)["seq"] == 7
+    ((data, kind),) = packed.got
+    assert kind == "msg" and msgspec.msgpack.decode(data)["seq"] == 7
+    assert bystander.got == []
+    assert hub.connections(("visitor", "v")) and leaving not in hub.connections(("visitor", "v"))
+    # A conversation without an agent: its visitor's connections only.
+    hub.send_pair("v", None, msg(8), "msg")
+    assert [len(c.got) for c in tabs] == [2, 2, 2] and len(json_agent.got) == 1
+
+
 def test_rings_are_bounded_and_replay_contiguous_seqs() -> None:
     hub = Hub(max_rings=2, ring_capacity=4)
     store_reads: list[tuple[int, int]] = []
