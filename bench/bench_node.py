@@ -1,7 +1,7 @@
 """The node's per-message path, in process: CPU per WebSocket ``send`` from decoded frame to
 durable ack and delivery, with no sockets and no load generator on the same cores.
 
-    python -m bench.bench_node [--json] [--quick] [--profile FILE]
+    python -m bench.bench_node [--json] [--quick] [--profile FILE] [--pair FILE]
 
 A node (bot off, ``durability: process``, a fresh data directory) with C conversations, each
 assigned to one of C/100 agents; every visitor and agent is a connection object that records
@@ -10,6 +10,8 @@ offers one ``send`` per visitor through ``Node.on_send_nowait`` (the WebSocket's
 connection has nothing else in hand), then runs the loop until every one is acked. The table
 gives the node's CPU per message (``time.process_time``: the group commit, the RocksDB write,
 the ack and the delivery included) and the messages per second of that CPU.
+
+``--pair FILE`` compares two versions of the path in one process: see :func:`paired`.
 
 A second case puts the node's WebSocket front before it: every visitor and agent is a real
 :class:`kefu.web.ws.Connection` on a transport that only counts what it is given, each send
@@ -30,10 +32,13 @@ import asyncio
 import cProfile
 import itertools
 import json
+import runpy
 import shutil
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -191,8 +196,13 @@ def _config(data: Path, agents: int) -> Config:
 
 
 async def _measure_ws(
-    conversations: int, rounds: int, profile: str | None
-) -> tuple[float, float, int, float]:
+    conversations: int,
+    rounds: int,
+    profile: str | None,
+    before_round: Callable[[int], object] | None = None,
+) -> tuple[float, float, int, float, list[float]]:
+    """CPU, wall time, sends and writes a send of the front case, and each round's CPU;
+    ``before_round(r)`` runs before round ``r`` (``--pair``: install a variant)."""
     data = Path(tempfile.mkdtemp(prefix="kefu-bench-node-"))
     agents = max(1, -(-conversations // 100))
     node = Node(_config(data, agents))
@@ -237,7 +247,11 @@ async def _measure_ws(
         cpu0, wall0 = time.process_time(), time.perf_counter()
         if profiler is not None:
             profiler.enable()
-        for batch in frames:
+        per_round: list[float] = []
+        for r, batch in enumerate(frames):
+            if before_round is not None:
+                before_round(r)
+            round0 = time.process_time()
             for conn, wire, frame in batch:
                 conn.on_ws_frame(wire, frame)  # type: ignore[arg-type]
             acked += len(batch)
@@ -245,6 +259,7 @@ async def _measure_ws(
                 if tally.acks >= acked:
                     break
                 await asyncio.sleep(0)
+            per_round.append(time.process_time() - round0)
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(profile)
@@ -254,7 +269,7 @@ async def _measure_ws(
         delivered = sum(w.msgs for w in agent_wires)
         if acks != sends or delivered != sends:
             raise RuntimeError(f"{acks} acks, {delivered} deliveries, {sends} sends")
-        return cpu, wall, sends, (tally.writes - writes) / sends
+        return cpu, wall, sends, (tally.writes - writes) / sends, per_round
     finally:
         await node.stop()
         shutil.rmtree(data, ignore_errors=True)
@@ -344,7 +359,7 @@ def run(quick: bool, profile: str | None = None, front: bool = True) -> list[Row
         messages,
     )
     if front:
-        cpu, wall, messages, writes = uvloop.run(
+        cpu, wall, messages, writes, _ = uvloop.run(
             _measure_ws(conversations, rounds, profile and f"{profile}.ws")
         )
         rows += _rows(
@@ -357,6 +372,31 @@ def run(quick: bool, profile: str | None = None, front: bool = True) -> list[Row
     return rows
 
 
+def paired(path: str, conversations: int = 2_000, rounds: int = 40) -> dict[str, float]:
+    """Two versions of the path alternated round by round in one process (``--pair FILE``).
+
+    ``FILE`` defines ``VARIANTS``, two callables by name, each installing its version (say,
+    ``lambda: setattr(kefu.node._Landing, "deliver", old_deliver)``). Separate processes on a
+    virtual machine differ by more than a small change does; rounds alternated in one process
+    share its drift, and the median of each pair's ratio (second over first) shows a few
+    percent. Returns each variant's median CPU per message (µs) and that ratio."""
+    variants = runpy.run_path(path)["VARIANTS"]
+    names = list(variants)
+    if len(names) != 2:
+        raise ValueError(f"{path}: VARIANTS must name two versions, not {names}")
+    rounds += rounds % 2  # whole pairs
+    _, _, _, _, per_round = uvloop.run(
+        _measure_ws(conversations, rounds, None, lambda r: variants[names[r % 2]]())
+    )
+    us = [cpu / conversations * 1e6 for cpu in per_round]
+    first, second = us[0::2], us[1::2]
+    return {
+        names[0]: statistics.median(first),
+        names[1]: statistics.median(second),
+        "paired_median_ratio": statistics.median(b / a for a, b in zip(first, second, strict=True)),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_node", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print rows as JSON")
@@ -364,7 +404,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", metavar="FILE", help="write a cProfile of the rounds (FILE.ws: the front's)"
     )
+    parser.add_argument(
+        "--pair",
+        metavar="FILE",
+        help="alternate the two versions FILE's VARIANTS install, round by round (paired)",
+    )
     args = parser.parse_args(argv)
+    if args.pair:
+        got = paired(args.pair, *((200, 10) if args.quick else ()))
+        print("  ".join(f"{k} {v:.3f}" for k, v in got.items()))
+        return 0
     rows = run(quick=args.quick, profile=args.profile)
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))

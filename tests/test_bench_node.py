@@ -3,14 +3,20 @@ is acked and delivered as bytes through the node's WebSocket front, or the bench
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import uvloop
 
+import kefu.web.ws as ws
 from bench import bench_node
+
+REAL_SEND_ENCODED = ws.Connection.send_encoded
 
 
 def test_the_front_bench_acks_and_delivers_every_send_through_real_connections() -> None:
-    cpu, wall, sends, writes = uvloop.run(bench_node._measure_ws(40, 3, None))
+    cpu, wall, sends, writes, per_round = uvloop.run(bench_node._measure_ws(40, 3, None))
+    assert len(per_round) == 3 and sum(per_round) <= cpu
     assert sends == 120
     assert cpu > 0 and wall > 0
     # An ack a send, to its own visitor; the deliveries of a round coalesced per agent (one).
@@ -25,3 +31,36 @@ def test_the_front_bench_refuses_a_run_where_a_send_is_not_answered(
     monkeypatch.setattr(bench_node, "_ACK", b"never written")
     with pytest.raises(RuntimeError, match="0 acks, 5 deliveries, 5 sends"):
         uvloop.run(bench_node._measure_ws(5, 1, None))
+
+
+def test_pair_alternates_the_two_versions_round_by_round(tmp_path: Path) -> None:
+    """``--pair``: each round runs with the version installed before it, first, second, first,
+    ...; the second version here writes every ack twice as slowly as the first."""
+    (tmp_path / "pair.py").write_text(
+        """
+import time
+import kefu.web.ws as ws
+
+REAL = ws.Connection.send_encoded
+
+def slow(self, data, kind):
+    if kind == "ack":
+        t = time.process_time() + 40e-6
+        while time.process_time() < t:
+            pass
+    return REAL(self, data, kind)
+
+def install(fn):
+    ws.Connection.send_encoded = fn
+
+VARIANTS = {"fast": lambda: install(REAL), "slow": lambda: install(slow)}
+""",
+        encoding="utf-8",
+    )
+    try:
+        got = bench_node.paired(str(tmp_path / "pair.py"), conversations=30, rounds=5)
+    finally:
+        ws.Connection.send_encoded = REAL_SEND_ENCODED
+    assert set(got) == {"fast", "slow", "paired_median_ratio"}
+    assert got["slow"] > got["fast"] + 20  # 40 µs of busy work an ack, against a few µs
+    assert got["paired_median_ratio"] > 2
