@@ -77,9 +77,10 @@ Decisions
   then finds it to be woken and its caches cold. At 10,000 msgs/s, with the loop idle a
   quarter of the time in gaps under a millisecond, p99 was lower with a 2 ms window in six
   alternating pairs of six (``loadtest/README.md``, "session 18"), on a machine too noisy for
-  one figure; on a quieter one (session 19) it changed nothing measurable. The price is the core: it stays busy while traffic flows (the node's CPU reads
-  92-94 % where it read 70-80 %), so it is for a node with a core of its own. The turns spent
-  so are counted (``busy_polls``).
+  one figure; on a quieter one (session 19) it changed nothing measurable. The price is the
+  core: it stays busy while traffic flows (the node's CPU reads 92-94 % where it read 70-80
+  %), so it is for a node with a core of its own. The turns spent so are counted
+  (``busy_polls``).
 - **Slow consumer**: frames go straight to the transport while it takes them. When its buffer
   passes :data:`TRANSPORT_HIGH_WATER` (picows forwards ``pause_writing``), frames wait in the
   connection's ``OutboundQueue`` until ``resume_writing``; a push past
