@@ -162,10 +162,12 @@ def test_pin_puts_the_server_and_the_load_generator_on_their_own_cpus(tmp_path: 
     assert pinned["clients"] == cpus[1:]
     assert report["result"]["machine_stalls"]["cpus"] == cpus[:1]  # the probe beside the node
     assert "pinned" in proc.stdout
-    # relay sets up twice in one process (kefu, then the relay): both pinned alike.
+    # relay sets up twice in one process (kefu, then the relay): both pinned alike. Enough
+    # traffic for the relay's CPU to show: at 100 msgs/s for 1 s it can read 0 % in the
+    # kernel's 10 ms ticks, and the CPU per message is then unmeasured (None).
     proc, report = _run(
         tmp_path / "relay",
-        *["relay", "--visitors", "10", "--rate", "100", "--duration", "1", "--pin"],
+        *["relay", "--visitors", "20", "--rate", "1000", "--duration", "2", "--pin"],
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     res = report["result"]
