@@ -126,6 +126,7 @@ def _extensions() -> list[Extension]:
         Extension("kefu._core.router", ["kefu/_core/router.pyx"], **common),
         Extension("kefu._core.bloom", ["kefu/_core/bloom.pyx"], **common),
         Extension("kefu._core.meters", ["kefu/_core/meters.pyx"], **common),
+        Extension("kefu._core.outbox", ["kefu/_core/outbox.pyx"], **common),
         Extension(
             "kefu._core.tfidf",
             ["kefu/_core/tfidf.pyx", f"{SIMD_DIR}/dispatch.c"],

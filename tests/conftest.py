@@ -1,9 +1,9 @@
 """Shared test wiring.
 
 Every ``_core`` module is tested through one suite run over both implementations: the fixtures
-``ringbuf_impl``, ``mq_impl``, ``router_impl``, ``tfidf_impl``, ``bloom_impl`` and
-``meters_impl`` are parametrized with ids such as ``py-ringbuf`` and ``c-ringbuf``. Tests that
-compare the two directly take ``ringbuf_pair`` (and so on), a ``(py, c)`` tuple.
+``ringbuf_impl``, ``mq_impl``, ``router_impl``, ``tfidf_impl``, ``bloom_impl``, ``meters_impl``
+and ``outbox_impl`` are parametrized with ids such as ``py-ringbuf`` and ``c-ringbuf``. Tests
+that compare the two directly take ``ringbuf_pair`` (and so on), a ``(py, c)`` tuple.
 
 A checkout whose extensions are not built is an error, not a silent pure-Python run, unless the
 build was asked to be pure Python with ``KEFU_NO_EXTENSIONS=1``; then the ``c-`` cases and the
@@ -101,6 +101,11 @@ def meters_impl(request: pytest.FixtureRequest) -> ModuleType:
 def meters_pair(request: pytest.FixtureRequest) -> tuple[ModuleType, ModuleType]:
     py, c = request.param
     return py, _resolve("meters", c)
+
+
+@pytest.fixture(scope="session", params=_params("outbox"))
+def outbox_impl(request: pytest.FixtureRequest) -> ModuleType:
+    return _resolve("outbox", request.param)
 
 
 @pytest.fixture(scope="session", params=_pair("ringbuf"))

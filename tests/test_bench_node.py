@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import uvloop
 
-import kefu.web.ws as ws
+import kefu.node
 from bench import bench_node
 
-REAL_SEND_ENCODED = ws.Connection.send_encoded
+REAL_DELIVER = kefu.node._Landing.deliver
 
 
 def test_the_front_bench_acks_and_delivers_every_send_through_real_connections() -> None:
@@ -35,23 +35,22 @@ def test_the_front_bench_refuses_a_run_where_a_send_is_not_answered(
 
 def test_pair_alternates_the_two_versions_round_by_round(tmp_path: Path) -> None:
     """``--pair``: each round runs with the version installed before it, first, second, first,
-    ...; the second version here writes every ack twice as slowly as the first."""
+    ...; the second version here delivers every message twice as slowly as the first."""
     (tmp_path / "pair.py").write_text(
         """
 import time
-import kefu.web.ws as ws
+import kefu.node
 
-REAL = ws.Connection.send_encoded
+REAL = kefu.node._Landing.deliver
 
-def slow(self, data, kind):
-    if kind == "ack":
-        t = time.process_time() + 40e-6
-        while time.process_time() < t:
-            pass
-    return REAL(self, data, kind)
+def slow(self):
+    t = time.process_time() + 40e-6
+    while time.process_time() < t:
+        pass
+    return REAL(self)
 
 def install(fn):
-    ws.Connection.send_encoded = fn
+    kefu.node._Landing.deliver = fn
 
 VARIANTS = {"fast": lambda: install(REAL), "slow": lambda: install(slow)}
 """,
@@ -60,7 +59,7 @@ VARIANTS = {"fast": lambda: install(REAL), "slow": lambda: install(slow)}
     try:
         got = bench_node.paired(str(tmp_path / "pair.py"), conversations=30, rounds=5)
     finally:
-        ws.Connection.send_encoded = REAL_SEND_ENCODED
+        kefu.node._Landing.deliver = REAL_DELIVER
     assert set(got) == {"fast", "slow", "paired_median_ratio"}
-    assert got["slow"] > got["fast"] + 20  # 40 µs of busy work an ack, against a few µs
+    assert got["slow"] > got["fast"] + 20  # 40 µs of busy work a message, against a few µs
     assert got["paired_median_ratio"] > 2

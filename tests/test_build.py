@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-CORE_MODULES = ("ringbuf", "mq", "router", "tfidf", "bloom", "meters")
+CORE_MODULES = ("ringbuf", "mq", "router", "tfidf", "bloom", "meters", "outbox")
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,15 @@ import importlib
 import os
 from types import ModuleType
 
-from kefu._core import _bloom_py, _meters_py, _mq_py, _ringbuf_py, _router_py, _tfidf_py
+from kefu._core import (
+    _bloom_py,
+    _meters_py,
+    _mq_py,
+    _outbox_py,
+    _ringbuf_py,
+    _router_py,
+    _tfidf_py,
+)
 
 __all__ = [
     "MODULES",
@@ -26,12 +34,13 @@ __all__ = [
     "implementations",
     "meters",
     "mq",
+    "outbox",
     "ringbuf",
     "router",
     "tfidf",
 ]
 
-MODULES = ("ringbuf", "mq", "router", "tfidf", "bloom", "meters")
+MODULES = ("ringbuf", "mq", "router", "tfidf", "bloom", "meters", "outbox")
 
 NO_EXTENSIONS = os.environ.get("KEFU_NO_EXTENSIONS", "").strip().lower() not in (
     "",
@@ -47,6 +56,7 @@ router: ModuleType = _router_py
 tfidf: ModuleType = _tfidf_py
 bloom: ModuleType = _bloom_py
 meters: ModuleType = _meters_py
+outbox: ModuleType = _outbox_py
 USING_EXTENSIONS = False
 
 
@@ -64,7 +74,7 @@ def _import_compiled(name: str) -> ModuleType | None:
 if not NO_EXTENSIONS:
     _compiled = [_import_compiled(name) for name in MODULES]
     if all(m is not None for m in _compiled):
-        ringbuf, mq, router, tfidf, bloom, meters = (m for m in _compiled if m is not None)
+        ringbuf, mq, router, tfidf, bloom, meters, outbox = (m for m in _compiled if m is not None)
         USING_EXTENSIONS = True
     del _compiled
 

@@ -62,6 +62,8 @@ Decisions
   otherwise cost one ``send`` system call per frame: on loopback that call was a third of the
   server's time under load. A single frame goes out through picows as before; a batch that
   reaches :data:`BATCH_FLUSH_BYTES` is written at once; a close writes what is waiting first.
+  This bookkeeping is compiled (:mod:`kefu._core.outbox`): every frame of every message passes
+  it, and ``send_encoded`` is the outbox's own method.
   A group commit's answers are written as soon as the batch's callbacks have run
   (:meth:`WsServer.flush_writes`): its write runs from a callback, and a callback's
   ``call_soon`` waits for the loop's next turn, after the next poll has read (and handled)
@@ -125,7 +127,6 @@ import contextlib
 import logging
 import resource
 import ssl as ssl_module
-import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, MutableMapping
@@ -144,7 +145,7 @@ from picows import (
     ws_create_server,
 )
 
-from kefu._core import mq
+from kefu._core import mq, outbox
 from kefu.config import WsConfig
 from kefu.protocol import (
     ClientFrame,
@@ -206,18 +207,6 @@ _TEXT: Final = WSMsgType.TEXT
 #: ``Connection._worker`` while the handler answers a send it took without a task.
 _TAKEN: Final = object()
 _BINARY: Final = WSMsgType.BINARY
-_H16: Final = struct.Struct("!BBH")
-_H64: Final = struct.Struct("!BBQ")
-
-
-def frame_header(first: int, size: int) -> bytes:
-    """The header of an unmasked (server-to-client) frame: ``first`` is FIN plus opcode,
-    then the payload length in its minimal encoding (RFC 6455 section 5.2)."""
-    if size < 126:
-        return bytes((first, size))
-    if size < 1 << 16:
-        return _H16.pack(first, 126, size)
-    return _H64.pack(first, 127, size)
 
 
 _CONT: Final = WSMsgType.CONTINUATION
@@ -338,8 +327,6 @@ class Connection(WSListener):
     """
 
     __slots__ = (
-        "_batch",
-        "_batch_bytes",
         "_bucket",
         "_close_timer",
         "_decoder",
@@ -357,6 +344,7 @@ class Connection(WSListener):
         "_notify_close",
         "_opcode",
         "_out",
+        "_outbox",
         "_pending_pong",
         "_ping_timer",
         "_pong_timer",
@@ -368,7 +356,6 @@ class Connection(WSListener):
         "_transport",
         "_visitor_bucket",
         "_worker",
-        "_writing_paused",
         "close_code",
         "echo",
         "id",
@@ -378,7 +365,17 @@ class Connection(WSListener):
         "received_ns",
         "remote",
         "role",
+        "send_encoded",
     )
+
+    #: ``send_encoded(data, kind) -> bool`` sends a frame already encoded for this
+    #: connection's encoding (``msgpack``): for fan-out, encode a frame once per encoding and
+    #: send the bytes to every recipient. ``kind`` is the frame's ``type``, for the counters.
+    #: Same answer as :meth:`send`; frames of this turn already waiting go first (module doc,
+    #: "Write coalescing"). The outbox's own method (``kefu._core.outbox``): every frame of
+    #: every message comes this way, and a method of this class around it was a Python call
+    #: more per frame.
+    send_encoded: Callable[[bytes, str], bool]
 
     def __init__(
         self, server: WsServer, conn_id: int, msgpack: bool, *, echo: bool = False
@@ -404,9 +401,17 @@ class Connection(WSListener):
         self._opcode = _BINARY if msgpack else _TEXT
         self._decoder = server._decoders[msgpack]
         self._out = mq.OutboundQueue(server.config.outbound_limit_bytes)
-        self._batch: list[bytes] | None = None  # frames of this loop turn, not written yet
-        self._batch_bytes = 0
-        self._writing_paused = False
+        # This turn's frames, written at its end (module doc, "Write coalescing"), and the
+        # queue behind a transport that takes no more.
+        self._outbox = outbox.Outbox(
+            server._flusher,
+            self._out,
+            self._opcode,
+            msgpack,
+            self._slow_consumer,
+            BATCH_FLUSH_BYTES,
+        )
+        self.send_encoded = self._outbox.send
         self._pending_pong: bytes | None = None
         self._frag_op: WSMsgType | None = None
         self._frag_parts: list[Any] = []
@@ -459,81 +464,27 @@ class Connection(WSListener):
             errors[frame.code] = errors.get(frame.code, 0) + 1
         return self.send_encoded(data, _tag(type(frame)))
 
-    def send_encoded(self, data: bytes, kind: str) -> bool:
-        """Sends a frame already encoded for this connection's encoding (``msgpack``).
-
-        For fan-out: encode a frame once per encoding, send the bytes to every recipient.
-        ``kind`` is the frame's ``type``, for the counters. Same answer as :meth:`send`.
-        """
-        if self._state >= _CLOSING or self._transport is None:
-            return False
-        batch = self._batch
-        if batch is not None:
-            # Frames of this turn already wait: this one goes after them (module doc).
-            batch.append(data)
-            self._batch_bytes += len(data)
-            if self._batch_bytes >= BATCH_FLUSH_BYTES and not self._flush_batch():
-                return False
-        elif self._writing_paused or self._out:
-            if not self._enqueue(data):
-                return False
-        else:
-            self._batch = [data]
-            self._batch_bytes = len(data)
-            self._server._batched(self)
-        frames_out = self._server.frames_out
-        frames_out[kind] = frames_out.get(kind, 0) + 1
-        return True
-
-    def _enqueue(self, data: bytes) -> bool:
-        """Queue ``data`` while the transport does not take more; 4008 past the limit."""
+    def _slow_consumer(self) -> None:
+        """The queue would pass ``outbound_limit_bytes``: close with 4008 (the outbox refused
+        the frame)."""
         out = self._out
-        if out.push(data) == mq.PUSH_SLOW:
-            self._server.slow_consumer_closes += 1
-            log.info("conn %s: slow consumer, %d bytes queued", self.id, out.nbytes)
-            out.clear()
-            self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
-            return False
-        return True
-
-    def _flush_batch(self) -> bool:
-        """Write the frames collected this turn (one write for all); ``False`` when the
-        connection was closed as a slow consumer meanwhile."""
-        batch = self._batch
-        if batch is None:
-            return True
-        self._batch = None
-        self._batch_bytes = 0
-        transport = self._transport
-        if transport is None or self._state >= _CLOSING:
-            return False
-        server = self._server
-        server.batches_written += 1
-        server.batched_frames += len(batch)
-        if self._writing_paused or self._out:
-            # Writing paused after the batch began: the batch is newer than what is queued.
-            return all(self._enqueue(data) for data in batch)
-        if len(batch) == 1:
-            transport.send(self._opcode, batch[0])
-            return True
-        first = 0x82 if self.msgpack else 0x81  # FIN and the opcode (binary or text)
-        parts: list[bytes] = []
-        for data in batch:
-            parts.append(frame_header(first, len(data)))
-            parts.append(data)
-        transport.underlying_transport.write(b"".join(parts))
-        return True
+        self._server.slow_consumer_closes += 1
+        log.info("conn %s: slow consumer, %d bytes queued", self.id, out.nbytes)
+        out.clear()
+        self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Starts the closing handshake with ``code``; the TCP connection is aborted if the
         client has not answered within :data:`CLOSE_TIMEOUT_S`. Does nothing if closing."""
         if self._state >= _CLOSING or self._transport is None:
             return
-        if self._batch is not None:
-            self._flush_batch()  # what was sent before the close goes before it
+        box = self._outbox
+        if box.batched:
+            box.flush()  # what was sent before the close goes before it
             if self._state >= _CLOSING:
                 return
         self._state = _CLOSING
+        box.closing = True
         self.close_code = code
         self._cancel_timers()
         self._drop_inbox()
@@ -567,6 +518,7 @@ class Connection(WSListener):
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self._transport = transport
+        self._outbox.transport = transport
         server = self._server
         loop = server._loop
         underlying = transport.underlying_transport
@@ -595,14 +547,14 @@ class Connection(WSListener):
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self._state = _CLOSED
+        self._outbox.closing = True
         self._cancel_timers()
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
         self._drop_inbox()
         self._out.clear()
-        self._batch = None
-        self._batch_bytes = 0
+        self._outbox.drop()
         self._release_limits()
         self._server._unregister(self, transport)
         if self.role is not None:
@@ -612,10 +564,11 @@ class Connection(WSListener):
                 self._notify_close = True  # the worker calls on_close when its call returns
 
     def pause_writing(self) -> None:
-        self._writing_paused = True
+        self._outbox.paused = True
 
     def resume_writing(self) -> None:
-        self._writing_paused = False
+        box = self._outbox
+        box.paused = False
         transport = self._transport
         if transport is None:
             return
@@ -628,7 +581,7 @@ class Connection(WSListener):
             self._pending_pong = None
         out = self._out
         opcode = self._opcode
-        while out and not self._writing_paused:
+        while out and not box.paused:
             for data in out.pop_many(TRANSPORT_HIGH_WATER):
                 transport.send(opcode, data)
 
@@ -690,7 +643,7 @@ class Connection(WSListener):
             self._add_fragment(frame)
         elif op is _PING:
             payload = frame.get_payload_as_bytes()
-            if self._writing_paused:
+            if self._outbox.paused:
                 self._pending_pong = payload
             elif self._transport is not None:
                 self._transport.send_pong(payload)
@@ -863,7 +816,7 @@ class Connection(WSListener):
         if transport is None:
             return
         transport.send(_BINARY if binary else _TEXT, data.encode() if type(data) is str else data)
-        if self._writing_paused:
+        if self._outbox.paused:
             # The peer reads slower than it writes: read nothing more until the transport's
             # buffer drains (resume_writing), so that the buffer does not grow without bound.
             transport.underlying_transport.pause_reading()
@@ -1052,15 +1005,10 @@ class WsServer:
         self._decoders = {False: FrameDecoder(msgpack=False), True: FrameDecoder(msgpack=True)}
         self._conns: dict[int, Connection] = {}
         self._next_id = 0
-        # Connections with frames collected this loop turn (module doc, "Write coalescing"):
-        # at most one entry per connection and turn, so bounded by the connections.
-        self._dirty: list[Connection] = []
         self._busy_poll_s = config.busy_poll_us / 1e6  # module doc, "Busy polling"
         self._busy_until = 0.0
         self._busy_polling = False
         self.busy_polls = 0
-        self.batches_written = 0
-        self.batched_frames = 0
         self._server: asyncio.AbstractServer | None = None
         self._stopping = False
         self._all_closed: asyncio.Event | None = None
@@ -1071,6 +1019,10 @@ class WsServer:
         self.refused: dict[str, int] = {"path": 0, "origin": 0, "capacity": 0}
         self.frames_in: dict[str, int] = {}
         self.frames_out: dict[str, int] = {}
+        # The connections with frames collected this loop turn (module doc, "Write
+        # coalescing"): at most one entry per connection and turn, so bounded by the
+        # connections.
+        self._flusher = outbox.Flusher(self._schedule_flush, self.frames_out)
         self.errors: dict[str, int] = {}
         self.closes_sent: dict[int, int] = {}
         self.slow_consumer_closes = 0
@@ -1093,21 +1045,26 @@ class WsServer:
     def connections(self) -> int:
         return len(self._conns)
 
-    def _batched(self, conn: Connection) -> None:
-        """``conn`` started a batch this turn: write it at the end of the turn."""
-        dirty = self._dirty
-        if not dirty:
-            self._loop.call_soon(self.flush_writes)
-        dirty.append(conn)
+    def _schedule_flush(self) -> None:
+        """A connection started a batch this turn: write the batches at the end of the turn."""
+        self._loop.call_soon(self.flush_writes)
+
+    @property
+    def batches_written(self) -> int:
+        """Writes of collected frames (one per connection and turn with frames)."""
+        return int(self._flusher.batches_written)
+
+    @property
+    def batched_frames(self) -> int:
+        """Frames those writes carried."""
+        return int(self._flusher.batched_frames)
 
     def flush_writes(self) -> None:
         """Write every connection's waiting frames now (one write each), rather than at the
         end of the turn; the end of the turn then writes only what comes after. The node
         calls it when a group commit's answers have all been sent (module doc, "Write
         coalescing")."""
-        dirty, self._dirty = self._dirty, []
-        for conn in dirty:
-            conn._flush_batch()
+        self._flusher.flush()
         if self._busy_poll_s:
             self._busy_until = time.monotonic() + self._busy_poll_s
             if not self._busy_polling:
