@@ -379,7 +379,10 @@ def paired(path: str, conversations: int = 2_000, rounds: int = 40) -> dict[str,
     ``lambda: setattr(kefu.node._Landing, "deliver", old_deliver)``). Separate processes on a
     virtual machine differ by more than a small change does; rounds alternated in one process
     share its drift, and the median of each pair's ratio (second over first) shows a few
-    percent. Returns each variant's median CPU per message (µs) and that ratio."""
+    percent. Both versions must leave the node's state as the other expects: one that skips
+    the recent-message rings every other round leaves a gap in each ring's seqs, and the other
+    then pays a ring restart a message (a cost neither version has alone). Returns each
+    variant's median CPU per message (µs) and that ratio."""
     variants = runpy.run_path(path)["VARIANTS"]
     names = list(variants)
     if len(names) != 2:
