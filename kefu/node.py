@@ -603,6 +603,7 @@ class Node:
         )
         store.writer.on_batch = self._observe_batch
         store.writer.after_ack = self._flush_writes
+        store.writer.set_batch_handler(_Landing, _land_run)
         store.start_dedup_filter(self._loop)
         try:
             for a in cfg.agents:
@@ -2531,7 +2532,7 @@ class Node:
         try:
             # The record is not rewritten: recovery reads top_seq and the last activity from
             # the last message (Store.recover), which halves the keys written per message.
-            self.store.append_message_then(msg, landing.done)
+            self.store.append_message_then(msg, landing)
         except BaseException:
             state.top_seq -= 1  # nothing was enqueued: give the seq back (no await since)
             landing.grounded()
@@ -2540,7 +2541,7 @@ class Node:
 
     def on_send_nowait(self, conn: Connection, frame: Send) -> bool:
         """The WebSocket fast path (kefu.web.ws, "Sends without a task"): a ``send`` that needs
-        nothing awaited before its write is stored here, and ``_Landing.done`` acks and delivers
+        nothing awaited before its write is stored here, and ``Node._land`` acks and delivers
         it from the store's completion callback. Anything else (an error to report, a
         duplicate, a bot to ask) returns False and takes ``on_frame``'s path."""
         key = self.hub.key_of(conn)
@@ -2572,7 +2573,7 @@ class Node:
         # In flight from here: a full batch is written, and ``done`` called, inside the append.
         landing = _Landing(self, state, msg, conn, time.perf_counter_ns() - t0)
         try:
-            store.append_message_then(msg, landing.done)
+            store.append_message_then(msg, landing)
         except BaseException:
             state.top_seq -= 1  # nothing was enqueued: give the seq back
             landing.grounded()
@@ -2621,6 +2622,68 @@ class Node:
             del self._inflight[conv]
         else:
             flight[0] = max(flight[0], seq + 1)
+
+    def _land(self, run: list[_Landing]) -> None:
+        """Writes answered, in seq order within each conversation: a group commit's run of
+        them (``GroupCommitWriter.set_batch_handler``), or one. Each message is counted and
+        stops being in flight, its sender is acked and it is delivered to every participant
+        (no await between the write's answer and the fan-out, module doc "Resume"); then the
+        send taken by ``on_send_nowait`` is done, or ``_append``'s waiter woken. One loop for
+        the run: a call and its lookups a message fewer than a callback each (5 % of a
+        message's Python in ``bench.bench_node --pair``)."""
+        persisted_s = time.perf_counter()
+        persisted = t1 = time.perf_counter_ns()
+        observe_persist = self._observe_persist
+        observe_received_persisted = self._observe_received_persisted
+        observe_received_delivered = self._observe_received_delivered
+        counted = self._m_messages
+        hub = self.hub
+        clustered = self.member is not None
+        for landing in run:
+            msg = landing.msg
+            conv_id = msg.conv
+            conn = landing.conn
+            waiter = landing.waiter
+            try:
+                self._landed(conv_id, msg.seq)
+                observe_persist(persisted_s - landing.w0)
+                received = landing.received
+                if received:
+                    observe_received_persisted((persisted - received) / 1e9)
+                self.messages_total += 1
+                counted[msg.from_role].inc()
+                # The ack made here and written without Connection.send's checks, the conv id
+                # spelled once for both frames (format_conv_id's spelling; a stored id is valid).
+                conv = f"{conv_id:016x}"
+                cmid = msg.client_msg_id
+                if conn is not None and cmid is not None:
+                    ack = Ack(conv=conv, client_msg_id=cmid, seq=msg.seq, ts=msg.ts, dup=False)
+                    conn.send_encoded(
+                        encode_msgpack(ack) if conn.msgpack else encode_json(ack), "ack"
+                    )
+                out = _msg_frame(msg, conv)
+                hub.remember(conv_id, out)
+                state = landing.state
+                if clustered:
+                    self._fan_out(state, out)
+                else:
+                    hub.send_pair(state.visitor_id, state.agent_id, out, "msg")
+                t2 = time.perf_counter_ns()
+                if received:
+                    observe_received_delivered((t2 - received) / 1e9)
+                self._charge(conv_id, landing.t_sync + t2 - t1)
+                t1 = t2
+            except Exception as exc:
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(exc)
+                else:
+                    log.exception("conn %s: delivering seq %d failed", conn and conn.id, msg.seq)
+            else:
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(out)
+            finally:
+                if waiter is None:
+                    conn.frame_done()  # type: ignore[union-attr]  # set on this path
 
     def _message_id(self) -> str:
         """A message id unique across nodes and restarts: 64 random bits drawn at start, then
@@ -2848,11 +2911,20 @@ def _profile(state: ConversationState) -> VisitorProfile:
     )
 
 
+def _land_run(run: list[_Landing]) -> None:
+    """The group commit's handler of a run of landings (``Node.start``): ``Node._land``,
+    looked up per run, not bound once (a version installed later, as ``bench.bench_node
+    --pair`` does, takes effect)."""
+    run[0].node._land(run)
+
+
 class _Landing:
     """One message between its write and its delivery (``Node._append``, ``on_send_nowait``).
 
     Created when the write is enqueued: the message counts as in flight (``Node._inflight``)
-    until ``deliver``, so a resume meanwhile replays only what is before it.
+    until ``Node._land`` delivers it, so a resume meanwhile replays only what is before it.
+    The store's completion for the write: the group commit hands a run of them to
+    ``Node._land``, a failure calls each.
     """
 
     __slots__ = ("conn", "msg", "node", "received", "state", "t_sync", "w0", "waiter")
@@ -2889,71 +2961,31 @@ class _Landing:
             if flight[1] <= 0:
                 del inflight[self.msg.conv]
 
-    def done(self, exc: BaseException | None) -> None:
-        """The store's answer: deliver now (no await between the write's answer and the
-        fan-out, module doc "Resume"), then wake ``_append`` or answer the fast path."""
+    def __call__(self, exc: BaseException | None) -> None:
+        """The store's answer for this write alone (``Done``): its failure, or a success
+        outside a run of them (``Node._land`` answers those, the group commit's handler)."""
+        if exc is None:
+            self.node._land([self])
+            return
         node = self.node
+        msg = self.msg
+        node._landed(msg.conv, msg.seq)
         waiter = self.waiter
         if waiter is not None:
-            node._landed(self.msg.conv, self.msg.seq)
-            if waiter.done():  # the sender was cancelled; the write stands and is delivered
-                waiter = None
-            try:
-                out = self.deliver() if exc is None else None
-            except BaseException as failure:
-                exc = failure
-            if waiter is not None:
-                if exc is None:
-                    waiter.set_result(cast(Msg, out))
-                else:
-                    waiter.set_exception(exc)
-            elif exc is not None:
-                log.error("a cancelled send's delivery failed: %r", exc)
+            if waiter.done():  # the sender was cancelled; the write failed all the same
+                log.error("a cancelled send's write failed: %r", exc)
+            else:
+                waiter.set_exception(exc)
             return
         conn: Connection = self.conn  # type: ignore[assignment]  # set on this path
         try:
-            node._landed(self.msg.conv, self.msg.seq)
-            if exc is None:
-                self.deliver()
-            elif isinstance(exc, KefuError):
-                conn.send(Error(code=exc.code, message=str(exc), ref=self.msg.client_msg_id))
+            if isinstance(exc, KefuError):
+                conn.send(Error(code=exc.code, message=str(exc), ref=msg.client_msg_id))
             else:
                 log.error("conn %s: a send's write failed: %r", conn.id, exc)
                 conn.send(Error(code="internal", message="internal error", ref="send"))
         finally:
             conn.frame_done()
-
-    def deliver(self) -> Msg:
-        """The write is durable: count it, ack the sender, deliver it to every participant."""
-        node = self.node
-        msg = self.msg
-        state = self.state
-        conn = self.conn
-        t1 = time.perf_counter_ns()
-        node._observe_persist(time.perf_counter() - self.w0)
-        received = self.received
-        if received:
-            node._observe_received_persisted((t1 - received) / 1e9)
-        node.messages_total += 1
-        node._m_messages[msg.from_role].inc()
-        # The ack made here and written without Connection.send's checks, the conv id spelled
-        # once for both frames: fewer calls, 5 % of a message's Python in bench.bench_node.
-        conv = f"{msg.conv:016x}"  # format_conv_id's spelling; a stored id is a valid one
-        cmid = msg.client_msg_id
-        if conn is not None and cmid is not None:
-            ack = Ack(conv=conv, client_msg_id=cmid, seq=msg.seq, ts=msg.ts, dup=False)
-            conn.send_encoded(encode_msgpack(ack) if conn.msgpack else encode_json(ack), "ack")
-        out = _msg_frame(msg, conv)
-        node.hub.remember(msg.conv, out)
-        if node.member is None:
-            node.hub.send_pair(state.visitor_id, state.agent_id, out, "msg")
-        else:
-            node._fan_out(state, out)
-        t2 = time.perf_counter_ns()
-        if received:
-            node._observe_received_delivered((t2 - received) / 1e9)
-        node._charge(msg.conv, self.t_sync + t2 - t1)
-        return out
 
 
 def _ack(state: ConversationState, client_msg_id: str, seq: int, ts: int, dup: bool) -> Ack:

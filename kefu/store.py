@@ -536,6 +536,9 @@ class GroupCommitWriter:
         # of the loop, which then goes on reading for seconds before any timer or callback
         # runs; those frames go at the end of the turn.
         self.after_ack: Callable[[], None] | None = None
+        # Completions answered a run at a time (set_batch_handler): their type and handler.
+        self._batch_kind: type | None = None
+        self._batch_handler: Callable[[list[Any]], None] | None = None
         self.syncs = 0
         self.last_sync_us = 0.0
         self.busy_rejections = 0
@@ -712,11 +715,40 @@ class GroupCommitWriter:
         if self.on_batch is not None:
             self.on_batch(messages, elapsed / 1e6)
 
+    def set_batch_handler(self, kind: type, handler: Callable[[list[Any]], None]) -> None:
+        """Durable writes whose completion (the ``done`` of ``submit_then``) is of type
+        ``kind`` are answered a run at a time: ``handler(run)`` with the completions of
+        consecutive such entries of a batch, in order, rather than a call each (the node's
+        messages: one loop over a group commit's acks and deliveries). A failure still calls
+        each completion with its error, so ``kind`` stays a ``Done``."""
+        self._batch_kind = kind
+        self._batch_handler = handler
+
     def _ack(self, entries: list[_Entry]) -> None:
+        kind = self._batch_kind
+        run: list[Any] | None = None
         for entry in entries:
             self.unacked_count -= 1
             self.unacked_bytes -= entry.nbytes
-            _resolve(entry.future, None)
+            future = entry.future
+            if type(future) is kind:
+                if run is None:
+                    run = [future]
+                else:
+                    run.append(future)
+                continue
+            if run is not None:  # answered before what follows: entries keep their order
+                self._answer_run(run)
+                run = None
+            _resolve(future, None)
+        if run is not None:
+            self._answer_run(run)
+
+    def _answer_run(self, run: list[Any]) -> None:
+        try:
+            self._batch_handler(run)  # type: ignore[misc]  # set with _batch_kind
+        except Exception:
+            log.exception("a batch's completion handler failed")
 
     def _answered(self) -> None:
         """A batch's callbacks have run: ``after_ack`` (see there)."""

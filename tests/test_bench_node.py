@@ -11,7 +11,7 @@ import uvloop
 import kefu.node
 from bench import bench_node
 
-REAL_DELIVER = kefu.node._Landing.deliver
+REAL_LAND = kefu.node.Node._land
 
 
 def test_the_front_bench_acks_and_delivers_every_send_through_real_connections() -> None:
@@ -41,16 +41,16 @@ def test_pair_alternates_the_two_versions_round_by_round(tmp_path: Path) -> None
 import time
 import kefu.node
 
-REAL = kefu.node._Landing.deliver
+REAL = kefu.node.Node._land
 
-def slow(self):
-    t = time.process_time() + 40e-6
+def slow(self, run):
+    t = time.process_time() + 40e-6 * len(run)
     while time.process_time() < t:
         pass
-    return REAL(self)
+    return REAL(self, run)
 
 def install(fn):
-    kefu.node._Landing.deliver = fn
+    kefu.node.Node._land = fn
 
 VARIANTS = {"fast": lambda: install(REAL), "slow": lambda: install(slow)}
 """,
@@ -59,7 +59,7 @@ VARIANTS = {"fast": lambda: install(REAL), "slow": lambda: install(slow)}
     try:
         got = bench_node.paired(str(tmp_path / "pair.py"), conversations=30, rounds=5)
     finally:
-        kefu.node._Landing.deliver = REAL_DELIVER
+        kefu.node.Node._land = REAL_LAND
     assert set(got) == {"fast", "slow", "paired_median_ratio"}
     assert got["slow"] > got["fast"] + 20  # 40 µs of busy work a message, against a few µs
     assert got["paired_median_ratio"] > 2

@@ -804,6 +804,67 @@ def test_write_failure_fails_every_waiter_and_the_store(store: Store) -> None:
     assert store.history(60) == ([], False)  # reads keep working
 
 
+class _Run:
+    """A completion the writer answers a run at a time (``set_batch_handler``)."""
+
+    def __init__(self, seq: int, log: list[Any]) -> None:
+        self.seq = seq
+        self.log = log
+
+    def __call__(self, exc: BaseException | None) -> None:
+        self.log.append(("one", self.seq, type(exc).__name__ if exc else None))
+
+
+def test_runs_of_a_batch_handler_are_answered_in_order_between_other_completions(
+    store: Store,
+) -> None:
+    log: list[Any] = []
+
+    def handler(run: list[_Run]) -> None:
+        log.append(("run", [r.seq for r in run]))
+        if run[0].seq == 7:
+            raise RuntimeError("a handler's failure is logged; the writer goes on")
+
+    store.writer.set_batch_handler(_Run, handler)
+
+    async def main() -> None:
+        for seq in range(1, 10):
+            done: Any = (
+                (lambda exc, seq=seq: log.append(("plain", seq)))
+                if seq in (3, 6)
+                else _Run(seq, log)
+            )
+            store.append_message_then(message(62, seq), done)
+        await store.barrier()
+
+    run(main())
+    assert log == [
+        ("run", [1, 2]),
+        ("plain", 3),
+        ("run", [4, 5]),
+        ("plain", 6),
+        ("run", [7, 8, 9]),
+    ]
+    assert store.writer.unacked_count == 0 and all_seqs(store, 62) == list(range(1, 10))
+
+
+def test_a_failed_write_calls_each_completion_of_a_run_with_the_error(store: Store) -> None:
+    log: list[Any] = []
+    store.writer.set_batch_handler(_Run, lambda run: log.append(("run", len(run))))
+
+    async def main() -> None:
+        for seq in (1, 2):
+            store.append_message_then(message(63, seq), _Run(seq, log))
+        store.writer._write_batch = _failing_write
+        for _ in range(100):
+            if len(log) == 2:
+                break
+            await asyncio.sleep(0)
+
+    run(main())
+    assert log == [("one", 1, "StoreUnavailable"), ("one", 2, "StoreUnavailable")]
+
+
 def test_db_closed_under_the_writer(store: Store) -> None:
     async def main() -> None:
         fut = store.append_message(message(61, 1))
