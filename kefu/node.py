@@ -176,13 +176,13 @@ import os
 import ssl as ssl_module
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal, NamedTuple, cast
 
 import msgspec
 
+from kefu import _core
 from kefu._version import __version__
 from kefu.bot.kb import KbError, KbWatcher, sample_kb_path
 from kefu.bot.llm import Endpoint, LlmClient, LlmOptions
@@ -309,6 +309,7 @@ from kefu.web.ratelimit import Limits
 from kefu.web.ws import AuthError, Connection, TryAgainLater, WsServer
 
 if TYPE_CHECKING:
+    from kefu._core.meters import Ledger, MessageMeter
     from kefu.cluster.member import Member
     from kefu.cluster.routing import ClusterRouting, Outcome
 
@@ -337,6 +338,8 @@ BATCH_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 10
 WAITING_SHOWN: Final = 100  # head of the waiting queue shown by GET /v1/agent/conversations
 EXPIRE_BATCH: Final = 1_000  # idle conversations closed per housekeeping tick at most
 BOT_PENDING_MAX: Final = 4  # visitor messages waiting for the bot per conversation
+#: The senders' roles ``kefu_messages_total`` shows from 0 (the store takes no other).
+_COUNTED_ROLES: Final = ("visitor", "agent", "bot", "system")
 MAX_ACCOUNTED: Final = 100_000  # conversations whose CPU time is kept; LRU dropped past it
 SECRET_META: Final = "token_secret"
 ADMIN_HASH_META: Final = "admin_token_hash"
@@ -524,7 +527,6 @@ class Node:
         self.credentials_path = str(Path(config.data_dir) / CREDENTIALS_FILE)
         self.started_at = 0.0
         self.expired_total = 0
-        self.messages_total = 0
         # Conversations with messages between seq and delivery: conv -> [the lowest such seq,
         # how many]. Bounded by the store's pending limit; entries go when they land.
         self._inflight: dict[int, list[int]] = {}
@@ -551,9 +553,8 @@ class Node:
         self._bot_active = 0
         self._bot_tasks: set[asyncio.Task[list[Msg]]] = set()
         self.bot_skipped = 0
-        # Per-session CPU time (ns), least recently used first; see "Accounting".
-        self._cpu: OrderedDict[int, int] = OrderedDict()
-        self.cpu_total_ns = 0
+        # Per-session CPU time (ns), least recently charged dropped; see "Accounting".
+        self._cpu: Ledger = _core.meters.Ledger(MAX_ACCOUNTED)
         #: Rate limits and connection caps shared by the WS and REST fronts (kefu.web.ratelimit).
         self.limits = Limits.from_config(config.limits, config.ws.rate)
         self.metrics = Registry()
@@ -1508,11 +1509,17 @@ class Node:
     # -- accounting -------------------------------------------------------------------------
 
     def _charge(self, conv: int, ns: int) -> None:
-        cpu = self._cpu
-        cpu[conv] = cpu.pop(conv, 0) + ns
-        if len(cpu) > MAX_ACCOUNTED:
-            cpu.popitem(last=False)
-        self.cpu_total_ns += ns
+        self._cpu.charge(conv, ns)
+
+    @property
+    def messages_total(self) -> int:
+        """Messages stored and delivered by this node since it started."""
+        return self._meter.messages_total
+
+    @property
+    def cpu_total_ns(self) -> int:
+        """CPU time charged to conversations, those dropped from the accounting included."""
+        return self._cpu.total_ns
 
     def session_stats(self, session_id: str) -> SessionStats:
         """``GET /v1/admin/sessions/{id}/stats``: the CPU time this node spent on the
@@ -1542,10 +1549,6 @@ class Node:
 
     def _register_metrics(self) -> None:
         reg = self.metrics
-        messages = reg.counter(
-            "kefu_messages_total", "Messages stored, by the sender's role.", ["role"]
-        )
-        self._m_messages = {r: messages.labels(r) for r in ("visitor", "agent", "bot", "system")}
         self._m_persist = reg.histogram(
             "kefu_message_persist_seconds",
             "From taking a message to its durable write (the wait before its ack).",
@@ -1562,10 +1565,15 @@ class Node:
             "participant's connection (written at the end of that loop turn).",
             LATENCY_BUCKETS,
         )
-        # Observed for every message: the series' own methods, one call less each.
-        self._observe_persist = self._m_persist.only().observe
-        self._observe_received_persisted = self._m_received_persisted.only().observe
-        self._observe_received_delivered = self._m_received_delivered.only().observe
+        # Every message's measures in two calls (Node._land; kefu._core.meters).
+        self._meter: MessageMeter = _core.meters.MessageMeter(
+            self._m_persist.only(),
+            self._m_received_persisted.only(),
+            self._m_received_delivered.only(),
+            self._cpu,
+            _COUNTED_ROLES,
+            time.perf_counter_ns,
+        )
         self._m_batch_messages = reg.histogram(
             "kefu_store_batch_messages",
             "Messages per group-commit batch (one RocksDB write batch per loop turn).",
@@ -1702,6 +1710,18 @@ class Node:
                 [({}, self.cpu_total_ns / 1e9)],
             ),
             CollectedFamily(
+                "kefu_session_cpu_accounted",
+                "gauge",
+                f"Conversations whose CPU time is kept (at most {MAX_ACCOUNTED}).",
+                [({}, float(len(self._cpu)))],
+            ),
+            CollectedFamily(
+                "kefu_session_cpu_dropped_total",
+                "counter",
+                "Conversations dropped from the CPU accounting, least recently charged first.",
+                [({}, float(self._cpu.dropped))],
+            ),
+            CollectedFamily(
                 "kefu_session_memory_bytes",
                 "gauge",
                 "Memory held for open conversations (state, recent messages, bot context).",
@@ -1712,6 +1732,12 @@ class Node:
     def _collect_node(self) -> list[CollectedFamily]:
         up = time.monotonic() - self.started_at if self.started_at else 0.0
         return [
+            CollectedFamily(
+                "kefu_messages_total",
+                "counter",
+                "Messages stored, by the sender's role.",
+                [({"role": r}, float(n)) for r, n in self._meter.counts().items()],
+            ),
             CollectedFamily("kefu_uptime_seconds", "gauge", "Seconds since start.", [({}, up)]),
             CollectedFamily(
                 "kefu_healthy",
@@ -2630,13 +2656,10 @@ class Node:
         (no await between the write's answer and the fan-out, module doc "Resume"); then the
         send taken by ``on_send_nowait`` is done, or ``_append``'s waiter woken. One loop for
         the run: a call and its lookups a message fewer than a callback each (5 % of a
-        message's Python in ``bench.bench_node --pair``)."""
-        persisted_s = time.perf_counter()
-        persisted = t1 = time.perf_counter_ns()
-        observe_persist = self._observe_persist
-        observe_received_persisted = self._observe_received_persisted
-        observe_received_delivered = self._observe_received_delivered
-        counted = self._m_messages
+        message's Python in ``bench.bench_node --pair``). Its measures are two calls a message
+        (``kefu._core.meters.MessageMeter``)."""
+        meter = self._meter
+        meter.start_run()
         hub = self.hub
         clustered = self.member is not None
         for landing in run:
@@ -2646,12 +2669,8 @@ class Node:
             waiter = landing.waiter
             try:
                 self._landed(conv_id, msg.seq)
-                observe_persist(persisted_s - landing.w0)
                 received = landing.received
-                if received:
-                    observe_received_persisted((persisted - received) / 1e9)
-                self.messages_total += 1
-                counted[msg.from_role].inc()
+                meter.persisted(landing.w0, received, msg.from_role)
                 # The ack made here and written without Connection.send's checks, the conv id
                 # spelled once for both frames (format_conv_id's spelling; a stored id is valid).
                 conv = f"{conv_id:016x}"
@@ -2668,11 +2687,7 @@ class Node:
                     self._fan_out(state, out)
                 else:
                     hub.send_pair(state.visitor_id, state.agent_id, out, "msg")
-                t2 = time.perf_counter_ns()
-                if received:
-                    observe_received_delivered((t2 - received) / 1e9)
-                self._charge(conv_id, landing.t_sync + t2 - t1)
-                t1 = t2
+                meter.delivered(conv_id, received, landing.t_sync)
             except Exception as exc:
                 if waiter is not None and not waiter.done():
                     waiter.set_exception(exc)

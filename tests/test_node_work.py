@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection
 
+import kefu.node
 from kefu.config import AgentConfig, BotConfig, Config, RoutingConfig, WsConfig
 from kefu.errors import KefuError
 from kefu.node import DEMO_AGENT_ID, Node
@@ -429,6 +430,40 @@ def test_session_accounting(tmp_path: Path) -> None:
             closed = node.session_stats(conv)
             assert closed.cpu_seconds >= after.cpu_seconds and closed.memory_bytes == 0
             assert gauge() == node.session_stats(other).memory_bytes
+        finally:
+            await node.stop()
+
+    run(body)
+
+
+def test_session_accounting_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_ACCOUNTED conversations the least recently charged one leaves the accounting:
+    its CPU time reads 0, the gauge stays at the bound, the drop is counted, and the total
+    keeps what it was charged."""
+    monkeypatch.setattr(kefu.node, "MAX_ACCOUNTED", 2)
+
+    def families(node: Node) -> dict[str, float]:
+        return {f.name: f.samples[0][1] for f in node._collect_sessions()}
+
+    async def body() -> None:
+        node = Node(config(tmp_path))
+        await node.start()
+        try:
+            convs = [(await node.create_chat())[0] for _ in range(3)]
+            for conv in convs[:2]:
+                await node.send_message(conv, "hello", None)
+            first = node.session_stats(convs[0]).cpu_seconds
+            assert first > 0
+            total = families(node)["kefu_session_cpu_seconds_total"]
+            await node.send_message(convs[0], "again", None)  # 0 is now the most recent
+            await node.send_message(convs[2], "hello", None)  # 1 goes
+            got = families(node)
+            assert node.session_stats(convs[1]).cpu_seconds == 0
+            assert node.session_stats(convs[0]).cpu_seconds > first
+            assert node.session_stats(convs[2]).cpu_seconds > 0
+            assert got["kefu_session_cpu_accounted"] == 2
+            assert got["kefu_session_cpu_dropped_total"] == 1
+            assert got["kefu_session_cpu_seconds_total"] > total
         finally:
             await node.stop()
 

@@ -1,12 +1,14 @@
-"""Two meters every message passes (compiled; the twin is ``kefu._core._meters_py``).
+"""The meters every message passes (compiled; the twin is ``kefu._core._meters_py``).
 
 :class:`Histogram`: observations counted per bucket and summed (one ``kefu.metrics`` series);
-:class:`TokenBucket`: a command rate (``kefu.web.ratelimit``).
+:class:`TokenBucket`: a command rate (``kefu.web.ratelimit``); :class:`Ledger`: CPU time per
+conversation, bounded; :class:`MessageMeter`: the node's measures of each message it lands.
 """
 
+from collections.abc import Callable, Hashable, Iterable
 from typing import Final, final
 
-__all__ = ["Histogram", "TokenBucket", "debug_counters"]
+__all__ = ["Histogram", "Ledger", "MessageMeter", "TokenBucket", "debug_counters"]
 
 def debug_counters() -> dict[str, int]: ...
 
@@ -33,3 +35,32 @@ class TokenBucket:
     def wait_s(self) -> float: ...
     @property
     def tokens(self) -> float: ...
+
+@final
+class Ledger:
+    capacity: Final[int]
+    total_ns: Final[int]
+    dropped: Final[int]
+    def __init__(self, capacity: int) -> None: ...
+    def __len__(self) -> int: ...
+    def charge(self, conv: Hashable, ns: int) -> None: ...
+    def get(self, conv: Hashable, default: int = 0) -> int: ...
+    def items(self) -> list[tuple[Hashable, int]]: ...
+
+@final
+class MessageMeter:
+    ledger: Final[Ledger]
+    messages_total: Final[int]
+    def __init__(
+        self,
+        persist: Histogram,
+        received_persisted: Histogram,
+        received_delivered: Histogram,
+        ledger: Ledger,
+        roles: Iterable[str],
+        clock_ns: Callable[[], int],
+    ) -> None: ...
+    def start_run(self) -> None: ...
+    def persisted(self, w0: float, received: int, role: str) -> None: ...
+    def delivered(self, conv: Hashable, received: int, t_sync: int) -> None: ...
+    def counts(self) -> dict[str, int]: ...

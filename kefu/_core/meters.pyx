@@ -1,4 +1,4 @@
-"""Two meters every message passes (compiled; the twin is ``kefu._core._meters_py``).
+"""The meters every message passes (compiled; the twin is ``kefu._core._meters_py``).
 
 - :class:`Histogram`: observations counted per bucket and summed, one series of a
   ``kefu.metrics`` histogram. The node observes three per message (time to persist, receive to
@@ -6,30 +6,42 @@
   bounds and two stores, where the twin runs a Python frame around ``bisect``.
 - :class:`TokenBucket`: a command rate (``kefu.web.ratelimit``), taken once per frame of
   every connection that has one; a C struct of three doubles.
+- :class:`Ledger`: the CPU time charged to each conversation (``kefu.node``, "Accounting"),
+  bounded: past ``capacity`` conversations the least recently charged is dropped (counted in
+  ``dropped``). A dict finds a conversation's slot; its nanoseconds and its place in the
+  recency order are C arrays, where the twin moves an ``OrderedDict`` entry.
+- :class:`MessageMeter`: what the node measures of each message it lands, in two calls a
+  message rather than a dozen Python operations: ``persisted`` (time to persist, receive to
+  persisted, the count by sender's role) and ``delivered`` (receive to delivered, and the CPU
+  since the last message charged to the conversation in the ledger). ``start_run`` reads the
+  clock once for a run of landings (``GroupCommitWriter.set_batch_handler``).
 
 Both answer exactly as the twin for the same sequence of calls (the same floating-point
 operations in the same order); ``tests/core/test_meters.py`` runs one suite over both.
 """
 
 cimport cython
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.dict cimport PyDict_DelItem, PyDict_GetItem, PyDict_SetItem
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.object cimport PyObject
 from libc.math cimport INFINITY, isfinite
 
-__all__ = ["Histogram", "TokenBucket", "debug_counters"]
+__all__ = ["Histogram", "Ledger", "MessageMeter", "TokenBucket", "debug_counters"]
 
 cdef extern from "kefu_debug.h":
     int KEFU_DEBUG
 
 cdef Py_ssize_t _live_histograms = 0
+cdef Py_ssize_t _live_ledgers = 0
 
 
 def debug_counters():
     """Live-object counters of a ``KEFU_DEBUG=1`` build, for leak checks.
 
-    ``live_histograms``: histograms not yet freed. The twin and a release build of the compiled
-    module count nothing: every counter is 0.
+    ``live_histograms``, ``live_ledgers``: histograms and ledgers not yet freed. The twin and a
+    release build of the compiled module count nothing: every counter is 0.
     """
-    return {"live_histograms": _live_histograms}
+    return {"live_histograms": _live_histograms, "live_ledgers": _live_ledgers}
 
 
 @cython.final
@@ -83,6 +95,9 @@ cdef class Histogram:
         self._counts = NULL
 
     def observe(self, double v):
+        self._observe(v)
+
+    cdef inline void _observe(self, double v) noexcept:
         if v != v:  # NaN
             return
         # bisect_left: the first bound >= v, the bucket whose ``le`` holds v.
@@ -179,3 +194,208 @@ cdef class TokenBucket:
     def tokens(self):
         """Tokens left at the last :meth:`take` (without the refill since)."""
         return self._tokens
+
+
+cdef Py_ssize_t _NIL = -1
+
+
+@cython.final
+cdef class Ledger:
+    """Nanoseconds charged per conversation, least recently charged dropped past ``capacity``.
+
+    ``total_ns`` sums every charge, dropped conversations' included. A conversation is any
+    hashable key (the node's are ints).
+    """
+
+    cdef dict _index  # conversation -> its slot
+    cdef list _keys  # slot -> conversation
+    cdef long long* _ns
+    cdef Py_ssize_t* _prev  # towards the least recently charged
+    cdef Py_ssize_t* _next
+    cdef Py_ssize_t _allocated
+    cdef Py_ssize_t _oldest
+    cdef Py_ssize_t _newest
+    cdef readonly Py_ssize_t capacity
+    cdef readonly long long total_ns
+    cdef readonly long long dropped
+
+    def __cinit__(self, Py_ssize_t capacity):
+        global _live_ledgers
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._index = {}
+        self._keys = []
+        self._oldest = _NIL
+        self._newest = _NIL
+        if KEFU_DEBUG:
+            _live_ledgers += 1
+
+    def __dealloc__(self):
+        global _live_ledgers
+        if self._index is not None and KEFU_DEBUG:  # made whole by __cinit__
+            _live_ledgers -= 1
+        PyMem_Free(self._ns)
+        PyMem_Free(self._prev)
+        PyMem_Free(self._next)
+        self._ns = NULL
+        self._prev = NULL
+        self._next = NULL
+
+    def __len__(self):
+        return len(self._keys)
+
+    cdef int _grow(self) except -1:
+        cdef Py_ssize_t n = min(max(2 * self._allocated, 64), self.capacity)
+        cdef long long* ns = <long long*>PyMem_Realloc(self._ns, n * sizeof(long long))
+        if ns == NULL:
+            raise MemoryError()
+        self._ns = ns
+        cdef Py_ssize_t* prev = <Py_ssize_t*>PyMem_Realloc(self._prev, n * sizeof(Py_ssize_t))
+        if prev == NULL:
+            raise MemoryError()
+        self._prev = prev
+        cdef Py_ssize_t* nxt = <Py_ssize_t*>PyMem_Realloc(self._next, n * sizeof(Py_ssize_t))
+        if nxt == NULL:
+            raise MemoryError()
+        self._next = nxt
+        self._allocated = n
+        return 0
+
+    cdef inline void _unlink(self, Py_ssize_t i) noexcept:
+        cdef Py_ssize_t p = self._prev[i], n = self._next[i]
+        if p == _NIL:
+            self._oldest = n
+        else:
+            self._next[p] = n
+        if n == _NIL:
+            self._newest = p
+        else:
+            self._prev[n] = p
+
+    cdef inline void _append(self, Py_ssize_t i) noexcept:
+        self._prev[i] = self._newest
+        self._next[i] = _NIL
+        if self._newest == _NIL:
+            self._oldest = i
+        else:
+            self._next[self._newest] = i
+        self._newest = i
+
+    def charge(self, conv, long long ns):
+        self._charge(conv, ns)
+
+    cdef int _charge(self, object conv, long long ns) except -1:
+        hash(conv)  # an unhashable key raises here, before anything is dropped
+        cdef PyObject* found = PyDict_GetItem(self._index, conv)
+        cdef Py_ssize_t i
+        if found != NULL:
+            i = <Py_ssize_t><object>found
+            self._ns[i] += ns
+            if i != self._newest:
+                self._unlink(i)
+                self._append(i)
+        else:
+            i = len(self._keys)
+            if i < self.capacity:
+                if i == self._allocated:
+                    self._grow()
+                self._keys.append(conv)
+            else:
+                i = self._oldest
+                PyDict_DelItem(self._index, self._keys[i])
+                self._unlink(i)
+                self._keys[i] = conv
+                self.dropped += 1
+            PyDict_SetItem(self._index, conv, i)
+            self._ns[i] = ns
+            self._append(i)
+        self.total_ns += ns
+        return 0
+
+    def get(self, conv, default=0):
+        """The nanoseconds charged to ``conv``, or ``default`` when it holds none."""
+        hash(conv)
+        cdef PyObject* found = PyDict_GetItem(self._index, conv)
+        if found == NULL:
+            return default
+        return self._ns[<Py_ssize_t><object>found]
+
+    def items(self):
+        """``[(conv, ns), ...]`` from the least recently charged to the most."""
+        cdef list out = []
+        cdef Py_ssize_t i = self._oldest
+        while i != _NIL:
+            out.append((self._keys[i], self._ns[i]))
+            i = self._next[i]
+        return out
+
+
+@cython.final
+cdef class MessageMeter:
+    """The node's measures of each message it lands (module doc).
+
+    ``clock_ns``: ``time.perf_counter_ns``, the clock of the ``received`` times (a test passes
+    its own). ``roles``: the senders' roles counted, each from 0 (``counts``); a role not among
+    them is counted too, from its first message.
+    """
+
+    cdef Histogram _persist
+    cdef Histogram _received_persisted
+    cdef Histogram _received_delivered
+    cdef readonly Ledger ledger
+    cdef dict _counts
+    cdef object _clock_ns
+    cdef long long _run_ns
+    cdef double _run_s
+    cdef long long _t1
+    cdef readonly long long messages_total
+
+    def __cinit__(
+        self,
+        Histogram persist not None,
+        Histogram received_persisted not None,
+        Histogram received_delivered not None,
+        Ledger ledger not None,
+        roles,
+        clock_ns,
+    ):
+        self._persist = persist
+        self._received_persisted = received_persisted
+        self._received_delivered = received_delivered
+        self.ledger = ledger
+        self._counts = {role: 0 for role in roles}
+        self._clock_ns = clock_ns
+        self.start_run()
+
+    def start_run(self):
+        """A run of landings begins: its write was answered now."""
+        cdef long long now = self._clock_ns()
+        self._run_ns = now
+        self._run_s = now / 1e9
+        self._t1 = now
+
+    def persisted(self, double w0, long long received, role):
+        """A message of the run was persisted: ``w0``, when its write was queued (seconds of
+        the same clock); ``received``, when its frame was read (ns; 0: not from a frame)."""
+        self._persist._observe(self._run_s - w0)
+        if received:
+            self._received_persisted._observe((self._run_ns - received) / 1e9)
+        self.messages_total += 1
+        cdef dict counts = self._counts
+        cdef PyObject* count = PyDict_GetItem(counts, role)
+        PyDict_SetItem(counts, role, 1 if count is NULL else <object>count + 1)
+
+    def delivered(self, conv, long long received, long long t_sync):
+        """The message was acked and delivered: ``conv`` is charged ``t_sync`` (its CPU before
+        the write) and the time since the run's previous message was delivered."""
+        hash(conv)  # an unhashable key raises here, before anything is measured
+        cdef long long now = self._clock_ns()
+        if received:
+            self._received_delivered._observe((now - received) / 1e9)
+        self.ledger._charge(conv, t_sync + now - self._t1)
+        self._t1 = now
+
+    def counts(self):
+        """Messages persisted by the sender's role."""
+        return dict(self._counts)
