@@ -27,7 +27,6 @@ Metrics: :meth:`Hub.stats`.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING, Final, cast
 
@@ -38,7 +37,7 @@ from kefu.protocol import Msg, encode_json, encode_msgpack
 from kefu.web.ws import Connection
 
 if TYPE_CHECKING:
-    from kefu._core.ringbuf import RingBuffer
+    from kefu._core.ringbuf import RingSet
 
 __all__ = ["MAX_RINGS", "RING_CAPACITY", "Encoded", "Hub", "Principal", "frame_tag"]
 
@@ -131,11 +130,10 @@ class Hub:
         #: broadcast (``send_role``) visits that role's principals, not every connected one.
         self._by_role: dict[str, dict[Principal, set[Connection]]] = {}
         self._role_connections: dict[str, int] = {}
-        self._rings: OrderedDict[int, RingBuffer] = OrderedDict()
-        self.rings_dropped = 0
-        # Running totals over every ring (rings_bytes: a scrape must not walk the messages).
-        self.ring_messages = 0
-        self.ring_text_bytes = 0
+        #: conv -> its ring, with running totals over every ring (rings_bytes: a scrape must
+        #: not walk the messages); compiled (``kefu._core.ringbuf``): the message path keeps
+        #: each message here, its ``remember`` one call.
+        self.rings: RingSet = _ringbuf.RingSet(max_rings, ring_capacity)
         self.replayed_from_ring = 0
         self.replayed_from_store = 0
 
@@ -262,50 +260,34 @@ class Hub:
     # -- recent messages --------------------------------------------------------------------
 
     def remember(self, conv: int, msg: Msg) -> None:
-        """Keep ``msg`` in ``conv``'s ring (seqs contiguous; a gap restarts the ring)."""
-        rings = self._rings
-        ring = rings.get(conv)
-        if ring is None:
-            ring = rings[conv] = _ringbuf.RingBuffer(self.ring_capacity, keyed=True)
-            if len(rings) > self.max_rings:
-                self._uncount(rings.popitem(last=False)[1])
-                self.rings_dropped += 1
-        else:
-            rings.move_to_end(conv)
-        last = ring.last_key
-        if last is not None and msg.seq <= last:
-            return  # acks resolved out of order: the ring starts later, resume reads the store
-        if last is not None and msg.seq != last + 1:
-            self._uncount(ring)
-            ring.clear()
-        if len(ring) == self.ring_capacity:  # the append evicts the oldest
-            old = ring[0].text
-            self.ring_text_bytes -= len(old) if old.isascii() else _utf8_len(old)
-        else:
-            self.ring_messages += 1
-        text = msg.text
-        self.ring_text_bytes += len(text) if text.isascii() else _utf8_len(text)
-        ring.append(msg, msg.seq)
+        """Keep ``msg`` in ``conv``'s ring (seqs contiguous; a gap restarts the ring; a seq at
+        or below the newest, from acks resolved out of order, is left out: the ring starts
+        later and a resume reads the store)."""
+        self.rings.remember(conv, msg, msg.seq)
 
     def forget(self, conv: int) -> None:
-        ring = self._rings.pop(conv, None)
-        if ring is not None:
-            self._uncount(ring)
+        self.rings.forget(conv)
 
-    def _uncount(self, ring: RingBuffer) -> None:
-        """``ring`` leaves the running totals (dropped, forgotten or cleared)."""
-        msgs = cast("list[Msg]", ring.to_list())
-        self.ring_messages -= len(msgs)
-        self.ring_text_bytes -= sum(_utf8_len(m.text) for m in msgs)
+    @property
+    def rings_dropped(self) -> int:
+        return self.rings.dropped
+
+    @property
+    def ring_messages(self) -> int:
+        return self.rings.items
+
+    @property
+    def ring_text_bytes(self) -> int:
+        return self.rings.text_bytes
 
     def missed(
         self, conv: int, last_seq: int, count: int, read_store: Callable[[int, int], list[Msg]]
     ) -> list[Msg]:
         """The messages after ``last_seq`` (``count`` of them): from the ring when it reaches
         back far enough, else ``read_store(last_seq, count)``."""
-        ring = self._rings.get(conv)
+        ring = self.rings.get(conv)
         if ring is not None and ring.first_key is not None and ring.first_key <= last_seq + 1:
-            self._rings.move_to_end(conv)
+            self.rings.touch(conv)
             self.replayed_from_ring += 1
             return cast("list[Msg]", ring.since(last_seq))
         self.replayed_from_store += 1
@@ -314,7 +296,7 @@ class Hub:
     def ring_bytes(self, conv: int) -> int:
         """An estimate of the memory ``conv``'s ring holds: the ring, and per message its text
         (UTF-8) and :data:`MSG_OVERHEAD_BYTES` for the frame's other fields."""
-        ring = self._rings.get(conv)
+        ring = self.rings.get(conv)
         if ring is None:
             return 0
         msgs = cast("list[Msg]", ring.to_list())
@@ -323,10 +305,9 @@ class Hub:
 
     def rings_bytes(self) -> int:
         """:meth:`ring_bytes` summed over every ring, from running totals: no ring is read."""
+        rings = self.rings
         return (
-            RING_OVERHEAD_BYTES * len(self._rings)
-            + self.ring_text_bytes
-            + self.ring_messages * MSG_OVERHEAD_BYTES
+            RING_OVERHEAD_BYTES * len(rings) + rings.text_bytes + rings.items * MSG_OVERHEAD_BYTES
         )
 
     def stats(self) -> dict[str, int]:
@@ -335,7 +316,7 @@ class Hub:
             "principals": len(self._conns),
             "visitor_connections": by_role.get("visitor", 0),
             "agent_connections": by_role.get("agent", 0),
-            "rings": len(self._rings),
+            "rings": len(self.rings),
             "rings_max": self.max_rings,
             "rings_dropped_total": self.rings_dropped,
             "ring_messages": self.ring_messages,

@@ -413,7 +413,7 @@ def test_resume_during_a_write_delivers_the_message_once(tmp_path: Path) -> None
             assert [m.seq for m in stored] == [2]  # in RocksDB already
             # No ring for the conversation (as after a restart, or evicted): the replay reads
             # the store, where m2 already is.
-            node.hub._rings.clear()
+            node.hub.rings.clear()
             # A second agent connection resumes from seq 1 in that window.
             again, _ = await hello(
                 node, AGENT_TOKEN, resume=[{"conv": conv, "epoch": 1, "last_seq": 1}]

@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import operator
 import reprlib
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator
 from typing import Any, NoReturn
 
-__all__ = ["MAX_CAPACITY", "RingBuffer", "debug_counters"]
+__all__ = ["MAX_CAPACITY", "RingBuffer", "RingSet", "debug_counters"]
 
 MAX_CAPACITY = 1 << 26
 """Largest capacity of one buffer: 64 Mi entries, 1 GiB of slot and key arrays at most."""
@@ -437,3 +438,103 @@ class RingBuffer:
 
     def __reduce__(self) -> NoReturn:
         raise TypeError("RingBuffer cannot be pickled or copied; use to_list()")
+
+
+def _utf8_len(text: object) -> int:
+    """Bytes of ``text`` in UTF-8 (a lone surrogate as 3)."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, not {type(text).__name__}")
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _size(name: str, value: object, low: int, high: int) -> int:
+    n = operator.index(value)  # type: ignore[arg-type]  # refuses what is not an int
+    if not low <= n <= high:
+        if high == (1 << 63) - 1:
+            raise ValueError(f"{name} must be >= {low}, got {n}")
+        raise ValueError(f"{name} must be between {low} and {high}, got {n}")
+    return n
+
+
+class RingSet:
+    """Keyed rings of recent items by conversation (module doc of ``kefu.hub``).
+
+    At most ``max_rings`` rings of ``ring_capacity`` items each; a new conversation past that
+    drops the least recently used ring (``dropped``). ``remember(conv, item, key)`` appends
+    ``item`` (its ``text`` a str) to ``conv``'s ring with ``key`` (its ``seq``): a key at or
+    below the ring's newest is ignored, and one past a gap restarts the ring. Running totals:
+    ``items`` held and their ``text_bytes`` in UTF-8, so that no ring is read to sum them.
+    """
+
+    __slots__ = ("_rings", "dropped", "items", "max_rings", "ring_capacity", "text_bytes")
+
+    def __init__(self, max_rings: int, ring_capacity: int) -> None:
+        self.max_rings = _size("max_rings", max_rings, 1, (1 << 63) - 1)
+        self.ring_capacity = _size("ring_capacity", ring_capacity, 1, MAX_CAPACITY)
+        self._rings: OrderedDict[Hashable, RingBuffer] = OrderedDict()
+        self.items = 0
+        self.text_bytes = 0
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._rings)
+
+    def _uncount(self, ring: RingBuffer) -> None:
+        held = ring.to_list()
+        for item in held:
+            self.text_bytes -= _utf8_len(item.text)
+        self.items -= len(held)
+
+    def remember(self, conv: Hashable, item: Any, key: int) -> None:
+        size = _utf8_len(item.text)  # refusals first: nothing changed yet
+        k = _check_key(key)
+        rings = self._rings
+        ring = rings.get(conv)
+        if ring is None:
+            ring = RingBuffer(self.ring_capacity, keyed=True)
+            if len(rings) >= self.max_rings:
+                self._uncount(rings.popitem(last=False)[1])
+                self.dropped += 1
+            rings[conv] = ring
+        else:
+            rings.move_to_end(conv)
+        last = ring.last_key
+        if last is not None:
+            if k <= last:
+                return  # acks resolved out of order: the ring starts later
+            if k != last + 1:
+                self._uncount(ring)
+                ring.clear()
+        if len(ring) == self.ring_capacity:  # the append evicts the oldest
+            self.text_bytes -= _utf8_len(ring[0].text)
+        else:
+            self.items += 1
+        self.text_bytes += size
+        ring.append(item, k)
+
+    def get(self, conv: Hashable) -> RingBuffer | None:
+        """``conv``'s ring, or None; its place in the order is left as it is."""
+        return self._rings.get(conv)
+
+    def touch(self, conv: Hashable) -> RingBuffer | None:
+        """``conv``'s ring, now the most recently used; None when it has none."""
+        ring = self._rings.get(conv)
+        if ring is not None:
+            self._rings.move_to_end(conv)
+        return ring
+
+    def forget(self, conv: Hashable) -> None:
+        """Drops ``conv``'s ring, if it has one (not counted in ``dropped``)."""
+        ring = self._rings.pop(conv, None)
+        if ring is not None:
+            self._uncount(ring)
+
+    def clear(self) -> None:
+        """Drops every ring (not counted in ``dropped``)."""
+        self._rings = OrderedDict()
+        self.items = 0
+        self.text_bytes = 0
+
+    def conversations(self) -> list[Hashable]:
+        """The conversations with a ring, from the least recently used."""
+        return list(self._rings)

@@ -196,7 +196,18 @@ cdef class TokenBucket:
         return self._tokens
 
 
-cdef Py_ssize_t _NIL = -1
+cdef extern from "kefu_lru.h":
+    ctypedef struct kefu_lru:
+        Py_ssize_t oldest
+        Py_ssize_t newest
+        Py_ssize_t allocated
+        Py_ssize_t* next
+    void kefu_lru_init(kefu_lru* l) noexcept
+    int kefu_lru_grow(kefu_lru* l, Py_ssize_t n) except -1
+    void kefu_lru_free(kefu_lru* l) noexcept
+    void kefu_lru_append(kefu_lru* l, Py_ssize_t i) noexcept
+    void kefu_lru_touch(kefu_lru* l, Py_ssize_t i) noexcept
+    void kefu_lru_unlink(kefu_lru* l, Py_ssize_t i) noexcept
 
 
 @cython.final
@@ -210,24 +221,19 @@ cdef class Ledger:
     cdef dict _index  # conversation -> its slot
     cdef list _keys  # slot -> conversation
     cdef long long* _ns
-    cdef Py_ssize_t* _prev  # towards the least recently charged
-    cdef Py_ssize_t* _next
-    cdef Py_ssize_t _allocated
-    cdef Py_ssize_t _oldest
-    cdef Py_ssize_t _newest
+    cdef kefu_lru _lru  # the slots from the least recently charged
     cdef readonly Py_ssize_t capacity
     cdef readonly long long total_ns
     cdef readonly long long dropped
 
     def __cinit__(self, Py_ssize_t capacity):
         global _live_ledgers
+        kefu_lru_init(&self._lru)
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
         self._index = {}
         self._keys = []
-        self._oldest = _NIL
-        self._newest = _NIL
         if KEFU_DEBUG:
             _live_ledgers += 1
 
@@ -236,51 +242,20 @@ cdef class Ledger:
         if self._index is not None and KEFU_DEBUG:  # made whole by __cinit__
             _live_ledgers -= 1
         PyMem_Free(self._ns)
-        PyMem_Free(self._prev)
-        PyMem_Free(self._next)
         self._ns = NULL
-        self._prev = NULL
-        self._next = NULL
+        kefu_lru_free(&self._lru)
 
     def __len__(self):
         return len(self._keys)
 
     cdef int _grow(self) except -1:
-        cdef Py_ssize_t n = min(max(2 * self._allocated, 64), self.capacity)
+        cdef Py_ssize_t n = min(max(2 * self._lru.allocated, 64), self.capacity)
         cdef long long* ns = <long long*>PyMem_Realloc(self._ns, n * sizeof(long long))
         if ns == NULL:
             raise MemoryError()
         self._ns = ns
-        cdef Py_ssize_t* prev = <Py_ssize_t*>PyMem_Realloc(self._prev, n * sizeof(Py_ssize_t))
-        if prev == NULL:
-            raise MemoryError()
-        self._prev = prev
-        cdef Py_ssize_t* nxt = <Py_ssize_t*>PyMem_Realloc(self._next, n * sizeof(Py_ssize_t))
-        if nxt == NULL:
-            raise MemoryError()
-        self._next = nxt
-        self._allocated = n
+        kefu_lru_grow(&self._lru, n)
         return 0
-
-    cdef inline void _unlink(self, Py_ssize_t i) noexcept:
-        cdef Py_ssize_t p = self._prev[i], n = self._next[i]
-        if p == _NIL:
-            self._oldest = n
-        else:
-            self._next[p] = n
-        if n == _NIL:
-            self._newest = p
-        else:
-            self._prev[n] = p
-
-    cdef inline void _append(self, Py_ssize_t i) noexcept:
-        self._prev[i] = self._newest
-        self._next[i] = _NIL
-        if self._newest == _NIL:
-            self._oldest = i
-        else:
-            self._next[self._newest] = i
-        self._newest = i
 
     def charge(self, conv, long long ns):
         self._charge(conv, ns)
@@ -292,24 +267,22 @@ cdef class Ledger:
         if found != NULL:
             i = <Py_ssize_t><object>found
             self._ns[i] += ns
-            if i != self._newest:
-                self._unlink(i)
-                self._append(i)
+            kefu_lru_touch(&self._lru, i)
         else:
             i = len(self._keys)
             if i < self.capacity:
-                if i == self._allocated:
+                if i == self._lru.allocated:
                     self._grow()
                 self._keys.append(conv)
             else:
-                i = self._oldest
+                i = self._lru.oldest
                 PyDict_DelItem(self._index, self._keys[i])
-                self._unlink(i)
+                kefu_lru_unlink(&self._lru, i)
                 self._keys[i] = conv
                 self.dropped += 1
             PyDict_SetItem(self._index, conv, i)
             self._ns[i] = ns
-            self._append(i)
+            kefu_lru_append(&self._lru, i)
         self.total_ns += ns
         return 0
 
@@ -324,10 +297,10 @@ cdef class Ledger:
     def items(self):
         """``[(conv, ns), ...]`` from the least recently charged to the most."""
         cdef list out = []
-        cdef Py_ssize_t i = self._oldest
-        while i != _NIL:
+        cdef Py_ssize_t i = self._lru.oldest
+        while i >= 0:
             out.append((self._keys[i], self._ns[i]))
-            i = self._next[i]
+            i = self._lru.next[i]
         return out
 
 

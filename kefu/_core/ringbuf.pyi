@@ -6,10 +6,10 @@ int64 keys (message ``seq``) and ``since(key)`` finds the entries after a key by
 ``pinned_head=True``: the first entry put into the empty buffer is never evicted or popped.
 """
 
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from typing import Any, Final, final
 
-__all__ = ["MAX_CAPACITY", "RingBuffer", "debug_counters"]
+__all__ = ["MAX_CAPACITY", "RingBuffer", "RingSet", "debug_counters"]
 
 MAX_CAPACITY: Final[int]
 """Largest capacity of one buffer: 64 Mi entries, 1 GiB of slot and key arrays at most."""
@@ -87,3 +87,22 @@ class RingBuffer:
     @property
     def evicted(self) -> int:
         """How many entries were evicted by appends to the full buffer so far."""
+
+@final
+class RingSet:
+    """Keyed rings of recent items by conversation, the least recently used dropped past
+    ``max_rings``; running totals of the items held and of their text's UTF-8 bytes."""
+
+    max_rings: Final[int]
+    ring_capacity: Final[int]
+    items: Final[int]
+    text_bytes: Final[int]
+    dropped: Final[int]
+    def __init__(self, max_rings: int, ring_capacity: int) -> None: ...
+    def __len__(self) -> int: ...
+    def remember(self, conv: Hashable, item: Any, key: int) -> None: ...
+    def get(self, conv: Hashable) -> RingBuffer | None: ...
+    def touch(self, conv: Hashable) -> RingBuffer | None: ...
+    def forget(self, conv: Hashable) -> None: ...
+    def clear(self) -> None: ...
+    def conversations(self) -> list[Hashable]: ...

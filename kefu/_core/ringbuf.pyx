@@ -30,13 +30,14 @@ once the buffer is whole again.
 
 cimport cython
 from cpython.bool cimport PyBool_Check
+from cpython.dict cimport PyDict_DelItem, PyDict_GetItem, PyDict_SetItem
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.number cimport PyIndex_Check, PyNumber_AsSsize_t
 from cpython.ref cimport PyObject
 from libc.stdint cimport int64_t, uint64_t
 
-__all__ = ["MAX_CAPACITY", "RingBuffer", "debug_counters"]
+__all__ = ["MAX_CAPACITY", "RingBuffer", "RingSet", "debug_counters"]
 
 cdef extern from "kefu_debug.h":
     int KEFU_DEBUG
@@ -46,6 +47,26 @@ cdef extern from "Python.h":
     void Py_ReprLeave(object o)
     # With a NULL exception type, an int past PY_SSIZE_T_MAX is clamped instead of refused.
     Py_ssize_t _clamped_ssize "PyNumber_AsSsize_t"(object o, PyObject* exc) except? -1
+
+cdef extern from "Python.h":
+    bint PyUnicode_Check(object o)
+    bint PyUnicode_IS_ASCII(object o)
+    Py_ssize_t PyUnicode_GET_LENGTH(object o)
+
+cdef extern from "kefu_lru.h":
+    ctypedef struct kefu_lru:
+        Py_ssize_t oldest
+        Py_ssize_t newest
+        Py_ssize_t allocated
+        Py_ssize_t* next
+    void kefu_lru_init(kefu_lru* l) noexcept
+    int kefu_lru_grow(kefu_lru* l, Py_ssize_t n) except -1
+    void kefu_lru_free(kefu_lru* l) noexcept
+    void kefu_lru_append(kefu_lru* l, Py_ssize_t i) noexcept
+    void kefu_lru_touch(kefu_lru* l, Py_ssize_t i) noexcept
+    void kefu_lru_unlink(kefu_lru* l, Py_ssize_t i) noexcept
+    void kefu_lru_release(kefu_lru* l, Py_ssize_t i) noexcept
+    Py_ssize_t kefu_lru_take_free(kefu_lru* l) noexcept
 
 cdef extern from "kefu_slots.h":
     # The same swap, seen twice: _take gives Cython the old reference to own (pop), _put leaves
@@ -519,3 +540,167 @@ cdef class RingBufferIterator:
             raise StopIteration
         self._next += 1
         return self._buffer._item(self._next - 1)
+
+
+cdef Py_ssize_t _utf8_len(object text) except -1:
+    """Bytes of ``text`` in UTF-8 (a lone surrogate as 3)."""
+    if not PyUnicode_Check(text):
+        raise TypeError(f"text must be a str, not {type(text).__name__}")
+    if PyUnicode_IS_ASCII(text):
+        return PyUnicode_GET_LENGTH(text)
+    return len((<str>text).encode("utf-8", "surrogatepass"))
+
+
+@cython.final
+cdef class RingSet:
+    """Keyed rings of recent items by conversation (module doc of ``kefu.hub``).
+
+    At most ``max_rings`` rings of ``ring_capacity`` items each; a new conversation past that
+    drops the least recently used ring (``dropped``). ``remember(conv, item, key)`` appends
+    ``item`` (its ``text`` a str) to ``conv``'s ring with ``key`` (its ``seq``): a key at or
+    below the ring's newest is ignored, and one past a gap restarts the ring. Running totals:
+    ``items`` held and their ``text_bytes`` in UTF-8, so that no ring is read to sum them.
+    """
+
+    cdef dict _index  # conversation -> its slot
+    cdef list _convs  # slot -> conversation (None: a free slot)
+    cdef list _rings  # slot -> its RingBuffer (None: a free slot)
+    cdef kefu_lru _lru  # the slots from the least recently used
+    cdef readonly Py_ssize_t max_rings
+    cdef readonly Py_ssize_t ring_capacity
+    cdef readonly long long items
+    cdef readonly long long text_bytes
+    cdef readonly long long dropped
+
+    def __cinit__(self, Py_ssize_t max_rings, Py_ssize_t ring_capacity):
+        kefu_lru_init(&self._lru)
+        if max_rings < 1:
+            raise ValueError(f"max_rings must be >= 1, got {max_rings}")
+        if not 1 <= ring_capacity <= _MAX_CAPACITY:
+            raise ValueError(
+                f"ring_capacity must be between 1 and {_MAX_CAPACITY}, got {ring_capacity}"
+            )
+        self.max_rings = max_rings
+        self.ring_capacity = ring_capacity
+        self._index = {}
+        self._convs = []
+        self._rings = []
+
+    def __dealloc__(self):
+        kefu_lru_free(&self._lru)
+
+    def __len__(self):
+        return len(self._index)
+
+    cdef int _uncount(self, RingBuffer ring) except -1:
+        cdef Py_ssize_t i, n = ring._count + ring._has_pinned
+        for i in range(n):
+            self.text_bytes -= _utf8_len(ring._item(i).text)
+        self.items -= n
+        return 0
+
+    cdef Py_ssize_t _new_slot(self) except -1:
+        """A slot for a new ring: a free one, a new one, or the least recently used one's."""
+        cdef Py_ssize_t i = kefu_lru_take_free(&self._lru)
+        if i >= 0:
+            return i
+        i = len(self._convs)
+        if i < self.max_rings:
+            if i == self._lru.allocated:
+                kefu_lru_grow(&self._lru, min(max(2 * self._lru.allocated, 16), self.max_rings))
+            self._convs.append(None)
+            self._rings.append(None)
+            return i
+        i = self._lru.oldest
+        kefu_lru_unlink(&self._lru, i)
+        PyDict_DelItem(self._index, self._convs[i])
+        self._uncount(self._rings[i])
+        self.dropped += 1
+        return i
+
+    def remember(self, conv, item, key):
+        cdef Py_ssize_t size = _utf8_len(item.text)  # refusals first: nothing changed yet
+        cdef int64_t k = _check_key(key), last
+        hash(conv)
+        cdef PyObject* found = PyDict_GetItem(self._index, conv)
+        cdef Py_ssize_t i
+        cdef RingBuffer ring
+        cdef object dropped_ring = None  # released last, once the set is whole
+        if found != NULL:
+            i = <Py_ssize_t><object>found
+            ring = self._rings[i]
+            kefu_lru_touch(&self._lru, i)
+        else:
+            ring = RingBuffer(self.ring_capacity, keyed=True)
+            i = self._new_slot()
+            dropped_ring = self._rings[i]
+            self._convs[i] = conv
+            self._rings[i] = ring
+            PyDict_SetItem(self._index, conv, i)
+            kefu_lru_append(&self._lru, i)
+        cdef Py_ssize_t held = ring._count + ring._has_pinned
+        if held:
+            last = ring._key(held - 1)
+            if k <= last:
+                return  # acks resolved out of order: the ring starts later
+            if k != last + 1:
+                self._uncount(ring)
+                ring._reset()
+        if ring._count == ring._ring_capacity:  # the append evicts the oldest
+            self.text_bytes -= _utf8_len(ring._item(0).text)
+        else:
+            self.items += 1
+        self.text_bytes += size
+        ring.append(item, key)
+        dropped_ring = None
+
+    def get(self, conv):
+        """``conv``'s ring, or None; its place in the order is left as it is."""
+        hash(conv)
+        cdef PyObject* found = PyDict_GetItem(self._index, conv)
+        if found == NULL:
+            return None
+        return self._rings[<Py_ssize_t><object>found]
+
+    def touch(self, conv):
+        """``conv``'s ring, now the most recently used; None when it has none."""
+        hash(conv)
+        cdef PyObject* found = PyDict_GetItem(self._index, conv)
+        if found == NULL:
+            return None
+        cdef Py_ssize_t i = <Py_ssize_t><object>found
+        kefu_lru_touch(&self._lru, i)
+        return self._rings[i]
+
+    def forget(self, conv):
+        """Drops ``conv``'s ring, if it has one (not counted in ``dropped``)."""
+        hash(conv)
+        cdef PyObject* found = PyDict_GetItem(self._index, conv)
+        if found == NULL:
+            return
+        cdef Py_ssize_t i = <Py_ssize_t><object>found
+        ring = self._rings[i]
+        kefu_lru_release(&self._lru, i)
+        PyDict_DelItem(self._index, conv)
+        self._uncount(ring)
+        self._convs[i] = None
+        self._rings[i] = None
+
+    def clear(self):
+        """Drops every ring (not counted in ``dropped``)."""
+        cdef list _old_rings = self._rings  # released last, once the set is whole
+        self._index = {}
+        self._convs = []
+        self._rings = []
+        kefu_lru_free(&self._lru)
+        self.items = 0
+        self.text_bytes = 0
+
+    def conversations(self):
+        """The conversations with a ring, from the least recently used."""
+        cdef list out = []
+        cdef Py_ssize_t i = self._lru.oldest
+        while i >= 0:
+            out.append(self._convs[i])
+            i = self._lru.next[i]
+        return out

@@ -984,3 +984,120 @@ def test_twin_compiled_and_model_agree_through_growth(
     ops: list[tuple[Any, ...]],
 ) -> None:
     _run_against_model(ringbuf_pair, capacity, keyed, pinned_head, ops)
+
+
+# -- RingSet -------------------------------------------------------------------------------------
+
+
+class _Item:
+    __slots__ = ("seq", "text")
+
+    def __init__(self, seq: int, text: str) -> None:
+        self.seq = seq
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"_Item({self.seq}, {self.text!r})"
+
+
+def _seqs(rings: Any, conv: object) -> list[int]:
+    ring = rings.get(conv)
+    return [] if ring is None else [m.seq for m in ring]
+
+
+def test_ringset_keeps_recent_items_per_conversation(ringbuf_impl: ModuleType) -> None:
+    rings = ringbuf_impl.RingSet(3, 4)
+    for seq in range(1, 7):
+        rings.remember(1, _Item(seq, "ab"), seq)
+    assert _seqs(rings, 1) == [3, 4, 5, 6]  # the ring keeps its newest four
+    assert rings.items == 4 and rings.text_bytes == 8 and len(rings) == 1
+    rings.remember(1, _Item(6, "late"), 6)  # at or below the newest: left out
+    rings.remember(1, _Item(2, "older"), 2)
+    assert _seqs(rings, 1) == [3, 4, 5, 6] and rings.text_bytes == 8
+    rings.remember(1, _Item(9, "é"), 9)  # a gap: the ring restarts from it
+    assert _seqs(rings, 1) == [9] and rings.items == 1 and rings.text_bytes == 2
+    assert rings.get(2) is None and rings.touch(2) is None
+    assert rings.get(1).first_key == 9 and rings.ring_capacity == 4 and rings.max_rings == 3
+
+
+def test_ringset_drops_the_least_recently_used_ring(ringbuf_impl: ModuleType) -> None:
+    rings = ringbuf_impl.RingSet(2, 8)
+    rings.remember("a", _Item(1, "x"), 1)
+    rings.remember("b", _Item(1, "yy"), 1)
+    rings.touch("a")  # a resume replayed a's ring: b is now the least recently used
+    rings.remember("c", _Item(1, "zzz"), 1)
+    assert rings.conversations() == ["a", "c"] and rings.dropped == 1
+    assert rings.items == 2 and rings.text_bytes == 4
+    rings.get("a")  # a read leaves the order as it is
+    rings.remember("d", _Item(1, "w"), 1)
+    assert rings.conversations() == ["c", "d"] and rings.dropped == 2
+    rings.forget("c")
+    rings.forget("nobody")
+    assert rings.conversations() == ["d"] and rings.items == 1 and rings.text_bytes == 1
+    rings.remember("e", _Item(5, "vv"), 5)  # into the slot c left: nothing dropped
+    assert rings.conversations() == ["d", "e"] and rings.dropped == 2
+    rings.clear()
+    assert len(rings) == 0 and rings.items == 0 and rings.text_bytes == 0
+    rings.remember("f", _Item(1, "u"), 1)
+    assert rings.conversations() == ["f"] and rings.dropped == 2
+
+
+def test_ringset_refusals_change_nothing(ringbuf_impl: ModuleType) -> None:
+    rings = ringbuf_impl.RingSet(1, 2)
+    rings.remember(1, _Item(1, "ok"), 1)
+    for item, key, conv, exc in (
+        (_Item(2, b"bytes"), 2, 2, TypeError),  # type: ignore[arg-type]
+        (object(), 2, 2, AttributeError),  # no text
+        (_Item(2, "x"), "2", 2, TypeError),
+        (_Item(2, "x"), 1 << 63, 2, ValueError),
+        (_Item(2, "x"), 2, [2], TypeError),  # an unhashable conversation
+    ):
+        with pytest.raises(exc):
+            rings.remember(conv, item, key)
+    assert rings.conversations() == [1] and _seqs(rings, 1) == [1]
+    assert rings.items == 1 and rings.text_bytes == 2 and rings.dropped == 0
+    for bad in ((0, 2), (2, 0), (1, ringbuf_impl.MAX_CAPACITY + 1)):
+        with pytest.raises(ValueError):
+            ringbuf_impl.RingSet(*bad)
+
+
+def test_ringset_twin_and_compiled_agree(ringbuf_pair: tuple[ModuleType, ModuleType]) -> None:
+    import random
+
+    py, c = ringbuf_pair
+    rng = random.Random(3)
+    a, b = py.RingSet(12, 6), c.RingSet(12, 6)
+    seqs: dict[int, int] = {}
+    texts = ("hi", "你好", "\udcff", "", "a longer message")
+    for _ in range(20_000):
+        op = rng.random()
+        conv = rng.randrange(20)
+        if op < 0.85:
+            seq = seqs.get(conv, 0) + rng.choice((1, 1, 1, 1, 0, -1, 3))
+            seqs[conv] = max(seqs.get(conv, 0), seq)
+            item = _Item(seq, rng.choice(texts))
+            a.remember(conv, item, seq)
+            b.remember(conv, item, seq)
+        elif op < 0.93:
+            assert (a.touch(conv) is None) == (b.touch(conv) is None)
+        elif op < 0.995:
+            a.forget(conv)
+            b.forget(conv)
+        else:
+            a.clear()
+            b.clear()
+        assert (a.items, a.text_bytes, a.dropped, len(a)) == (
+            b.items,
+            b.text_bytes,
+            b.dropped,
+            len(b),
+        )
+    assert a.conversations() == b.conversations()
+    for conv in range(20):
+        assert _seqs(a, conv) == _seqs(b, conv)
+    total = sum(
+        len(str(m.text).encode("utf-8", "surrogatepass"))
+        for k in a.conversations()
+        for m in a.get(k)
+    )
+    assert a.text_bytes == total
