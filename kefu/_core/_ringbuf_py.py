@@ -13,6 +13,12 @@ Two modes, which combine:
   prompt) is pinned: it is never evicted or popped, only ``clear()`` removes it. The other
   ``capacity - 1`` entries behave as a ring buffer of their own placed after it.
 
+:class:`RingSet` holds the keyed rings of many conversations (``kefu.hub``: each message is
+kept with one ``remember`` call): at most ``max_rings``, the least recently used dropped past
+that, with running totals of the items held and of their ``text`` in UTF-8. A dict finds a
+conversation's slot and the recency order is two index arrays (``kefu_lru.h``), where an
+``OrderedDict`` moved an entry per message.
+
 The ring's storage grows by doubling up to its capacity, so an idle buffer with a large
 capacity costs little memory; ``clear()`` gives the storage back.
 

@@ -13,6 +13,12 @@ Two modes, which combine:
   prompt) is pinned: it is never evicted or popped, only ``clear()`` removes it. The other
   ``capacity - 1`` entries behave as a ring buffer of their own placed after it.
 
+:class:`RingSet` holds the keyed rings of many conversations (``kefu.hub``: each message is
+kept with one ``remember`` call): at most ``max_rings``, the least recently used dropped past
+that, with running totals of the items held and of their ``text`` in UTF-8. A dict finds a
+conversation's slot and the recency order is two index arrays (``kefu_lru.h``), where an
+``OrderedDict`` moved an entry per message.
+
 The entries sit in a Python list of fixed length used as the ring's slot array, so the cyclic
 GC sees them (a buffer holding an object that refers back to the buffer is collected). A raw
 ``PyObject*`` array with NULL in its empty slots would be about 1.5 ns faster per
