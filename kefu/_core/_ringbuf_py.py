@@ -15,9 +15,8 @@ Two modes, which combine:
 
 :class:`RingSet` holds the keyed rings of many conversations (``kefu.hub``: each message is
 kept with one ``remember`` call): at most ``max_rings``, the least recently used dropped past
-that, with running totals of the items held and of their ``text`` in UTF-8. A dict finds a
-conversation's slot and the recency order is two index arrays (``kefu_lru.h``), where an
-``OrderedDict`` moved an entry per message.
+that, with running totals of the items held and of their ``text`` in UTF-8. Here the order is
+an ``OrderedDict``; the compiled module keeps a dict of slots and the order in two index arrays.
 
 The ring's storage grows by doubling up to its capacity, so an idle buffer with a large
 capacity costs little memory; ``clear()`` gives the storage back.
