@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Final, cast
 
 import msgspec
 
+from kefu._core import outbox as _outbox
 from kefu._core import ringbuf as _ringbuf
 from kefu.protocol import Msg, encode_json, encode_msgpack
 from kefu.web.ws import Connection
@@ -51,7 +52,10 @@ MSG_OVERHEAD_BYTES: Final = 520
 RING_OVERHEAD_BYTES: Final = 600
 
 Principal = tuple[str, str]  # (role, id)
+#: A principal's connections as fan-out targets: (those taking JSON, those taking MessagePack).
+Targets = tuple[tuple[object, ...], tuple[object, ...]]
 
+_fan_out = _outbox.fan_out
 _JSON_ENCODE = msgspec.json.Encoder().encode
 _MSGPACK_DECODE = msgspec.msgpack.Decoder().decode
 
@@ -130,6 +134,11 @@ class Hub:
         #: broadcast (``send_role``) visits that role's principals, not every connected one.
         self._by_role: dict[str, dict[Principal, set[Connection]]] = {}
         self._role_connections: dict[str, int] = {}
+        #: Where a message goes (send_pair): by visitor id and by agent id, the targets of the
+        #: principal's connections, those taking JSON and those taking MessagePack; a target
+        #: is the connection's outbox (``kefu._core.outbox.fan_out`` calls it in C) or its
+        #: ``send_encoded``. Rebuilt when a connection of the principal comes or goes.
+        self._targets: dict[str, dict[str, Targets]] = {"visitor": {}, "agent": {}}
         #: conv -> its ring, with running totals over every ring (rings_bytes: a scrape must
         #: not walk the messages); compiled (``kefu._core.ringbuf``): the message path keeps
         #: each message here, its ``remember`` one call.
@@ -153,6 +162,7 @@ class Hub:
             self._by_role.setdefault(key[0], {})[key] = conns
         conns.add(conn)
         self._registered[conn] = key
+        self._retarget(key, conns)
         role_connections = self._role_connections
         role_connections[key[0]] = role_connections.get(key[0], 0) + 1
         return first
@@ -168,6 +178,7 @@ class Hub:
         if conns is None:
             return key, True
         conns.discard(conn)
+        self._retarget(key, conns)
         if conns:
             return key, False
         del self._conns[key]
@@ -176,6 +187,22 @@ class Hub:
         if not of_role:
             del self._by_role[key[0]]
         return key, True
+
+    def _retarget(self, key: Principal, conns: set[Connection]) -> None:
+        table = self._targets.get(key[0])
+        if table is None:
+            return  # only visitors and agents take messages through send_pair
+        if not conns:
+            table.pop(key[1], None)
+            return
+        json_targets: list[object] = []
+        packed_targets: list[object] = []
+        for c in conns:
+            send = c.send_encoded
+            box = getattr(send, "__self__", None)
+            target = box if type(box) is _outbox.Outbox else send
+            (packed_targets if c.msgpack else json_targets).append(target)
+        table[key[1]] = (tuple(json_targets), tuple(packed_targets))
 
     def key_of(self, conn: Connection) -> Principal | None:
         return self._registered.get(conn)
@@ -224,26 +251,18 @@ class Hub:
     def send_pair(self, visitor_id: str, agent_id: str | None, frame: object, kind: str) -> None:
         """``frame`` (of type ``kind``) to every connection of a conversation's visitor and of
         its agent: :meth:`send` for those two keys, without an :class:`Encoded` or a list of
-        keys. The fan-out of every message (kefu.node); encoded at most once per encoding."""
-        conns_of = self._conns
-        json_data: bytes | None = None
-        packed: bytes | None = None
-        visitor: Principal = ("visitor", visitor_id)
-        keys = (visitor,) if agent_id is None else (visitor, ("agent", agent_id))
-        for key in keys:
-            conns = conns_of.get(key)
-            if not conns:
-                continue
-            # A copy: a write may close a slow consumer, which then leaves the set.
-            for c in tuple(conns):
-                if c.msgpack:
-                    if packed is None:
-                        packed = encode_msgpack(frame)
-                    c.send_encoded(packed, kind)
-                else:
-                    if json_data is None:
-                        json_data = encode_json(frame)
-                    c.send_encoded(json_data, kind)
+        keys. The fan-out of every message (kefu.node); encoded at most once per encoding, and
+        sent by ``kefu._core.outbox.fan_out`` to each connection's outbox (the targets are
+        tuples: a write that closes a slow consumer leaves them as they are)."""
+        targets = self._targets
+        _fan_out(
+            targets["visitor"].get(visitor_id),
+            None if agent_id is None else targets["agent"].get(agent_id),
+            frame,
+            kind,
+            encode_json,
+            encode_msgpack,
+        )
 
     def send_role(self, role: str, frames: Iterable[object]) -> None:
         """Each of ``frames`` to every connection of every principal of ``role``."""

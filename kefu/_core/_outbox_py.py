@@ -7,7 +7,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Flusher", "Outbox", "debug_counters", "frame_header"]
+__all__ = ["Flusher", "Outbox", "debug_counters", "fan_out", "frame_header"]
 
 
 def debug_counters() -> dict[str, int]:
@@ -167,3 +167,43 @@ class Outbox:
 
 
 _PUSH_SLOW = 2  # kefu._core.mq.PUSH_SLOW
+
+
+def fan_out(
+    first: tuple[tuple[Any, ...], tuple[Any, ...]] | None,
+    second: tuple[tuple[Any, ...], tuple[Any, ...]] | None,
+    frame: object,
+    kind: str,
+    encode_json: Callable[[object], bytes],
+    encode_msgpack: Callable[[object], bytes],
+) -> None:
+    """``frame`` (of type ``kind``) to the targets of ``first`` then of ``second``: each None
+    or a pair of tuples, the targets taking JSON and those taking MessagePack. A target is an
+    :class:`Outbox` or a callable ``(data, kind)``. ``encode_json(frame)`` and
+    ``encode_msgpack(frame)`` are called at most once each, and only for an encoding in use."""
+    json_data: bytes | None = None
+    packed: bytes | None = None
+    for pair in (first, second):
+        if pair is None:
+            continue
+        json_targets, packed_targets = pair[0], pair[1]
+        if json_targets:
+            if json_data is None:
+                json_data = encode_json(frame)
+            _send_all(json_targets, json_data, kind)
+        if packed_targets:
+            if packed is None:
+                packed = encode_msgpack(frame)
+            _send_all(packed_targets, packed, kind)
+
+
+def _send_all(targets: tuple[Any, ...], data: bytes, kind: str) -> None:
+    if not isinstance(targets, tuple):
+        raise TypeError(f"expected tuple, got {type(targets).__name__}")
+    if type(data) is not bytes:
+        raise TypeError(f"expected bytes, got {type(data).__name__}")
+    for target in targets:
+        if type(target) is Outbox:
+            target.send(data, kind)
+        else:
+            target(data, kind)

@@ -7,7 +7,7 @@
 from collections.abc import Callable
 from typing import Any, final
 
-__all__ = ["Flusher", "Outbox", "debug_counters", "frame_header"]
+__all__ = ["Flusher", "Outbox", "debug_counters", "fan_out", "frame_header"]
 
 def debug_counters() -> dict[str, int]:
     """Live-object counters of a ``KEFU_DEBUG=1`` build (``live_outboxes``). A release build,
@@ -56,3 +56,14 @@ class Outbox:
         """``False``: the batch could not be written (closing, or a slow consumer)."""
     def drop(self) -> None:
         """Forget the batch (the connection is gone)."""
+
+def fan_out(
+    first: tuple[tuple[Any, ...], tuple[Any, ...]] | None,
+    second: tuple[tuple[Any, ...], tuple[Any, ...]] | None,
+    frame: object,
+    kind: str,
+    encode_json: Callable[[object], bytes],
+    encode_msgpack: Callable[[object], bytes],
+) -> None:
+    """``frame`` to the targets of ``first`` then ``second`` (each None or the pair of
+    (JSON targets, MessagePack targets)), encoded at most once per encoding in use."""

@@ -13,6 +13,9 @@ ran about 150 bytecodes per message.
   writes the batch: one frame through ``transport.send(opcode, data)``, several framed here and
   joined into one ``transport.underlying_transport.write``. A batch reaching ``flush_bytes`` is
   written at once. ``closing`` or no ``transport``: every send is refused (``False``).
+- :func:`fan_out`: one frame to the connections of up to two principals (a message's visitor
+  and agent, ``kefu.hub``), encoded once per encoding in use; an outbox's ``send`` is a C call
+  from here, any other target (a test's fake connection) is called.
 - :class:`Flusher` (one per server): the outboxes with a batch; ``schedule`` is called when the
   first of a turn joins (the server's ``call_soon`` of its flush), ``flush`` writes them all.
   Bounded by the connections: an outbox joins once per batch.
@@ -27,7 +30,7 @@ from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
 from cpython.object cimport PyObject
 from libc.string cimport memcpy
 
-__all__ = ["Flusher", "Outbox", "debug_counters", "frame_header"]
+__all__ = ["Flusher", "Outbox", "debug_counters", "fan_out", "frame_header"]
 
 cdef extern from "kefu_debug.h":
     int KEFU_DEBUG
@@ -165,6 +168,9 @@ cdef class Outbox:
         return 0 if self._batch is None else len(self._batch)
 
     def send(self, bytes data not None, kind):
+        return self._send(data, kind)
+
+    cdef bint _send(self, bytes data, object kind) except -1:
         if self.closing or self.transport is None:
             return False
         cdef list batch = self._batch
@@ -237,3 +243,34 @@ cdef class Outbox:
     def drop(self):
         self._batch = None
         self._batch_bytes = 0
+
+
+cdef int _send_all(tuple targets, bytes data, object kind) except -1:
+    for target in targets:
+        if type(target) is Outbox:
+            (<Outbox>target)._send(data, kind)
+        else:
+            target(data, kind)
+    return 0
+
+
+def fan_out(first, second, frame, kind, encode_json, encode_msgpack):
+    """``frame`` (of type ``kind``) to the targets of ``first`` then of ``second``: each None
+    or a pair of tuples, the targets taking JSON and those taking MessagePack. A target is an
+    :class:`Outbox` or a callable ``(data, kind)``. ``encode_json(frame)`` and
+    ``encode_msgpack(frame)`` are called at most once each, and only for an encoding in use."""
+    cdef object json_data = None, packed = None
+    cdef tuple targets
+    for pair in (first, second):
+        if pair is None:
+            continue
+        targets = pair[0]
+        if targets:
+            if json_data is None:
+                json_data = encode_json(frame)
+            _send_all(targets, json_data, kind)
+        targets = pair[1]
+        if targets:
+            if packed is None:
+                packed = encode_msgpack(frame)
+            _send_all(targets, packed, kind)

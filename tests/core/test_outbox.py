@@ -230,3 +230,49 @@ def test_debug_counters(outbox_impl: ModuleType) -> None:
     counters = outbox_impl.debug_counters()
     assert set(counters) == {"live_outboxes"}
     assert all(isinstance(v, int) and v >= 0 for v in counters.values())
+
+
+def test_fan_out_encodes_once_per_encoding_and_reaches_every_target(
+    outbox_impl: ModuleType,
+) -> None:
+    text, packed = _Rig(outbox_impl), _Rig(outbox_impl, binary=True)
+    text2 = _Rig(outbox_impl)
+    called: list[tuple[bytes, str]] = []
+    encodes: list[str] = []
+
+    def enc_json(frame: object) -> bytes:
+        encodes.append("json")
+        return b'{"f":' + str(frame).encode() + b"}"
+
+    def enc_packed(frame: object) -> bytes:
+        encodes.append("msgpack")
+        return b"\x81\xa1f" + bytes([int(str(frame))])
+
+    visitor = ((text.box, lambda data, kind: called.append((data, kind))), (packed.box,))
+    agent = ((text2.box,), ())
+    outbox_impl.fan_out(visitor, agent, 7, "msg", enc_json, enc_packed)
+    assert encodes == ["json", "msgpack"]  # each encoding once, for three and one targets
+    assert called == [(b'{"f":7}', "msg")]
+    for rig in (text, packed, text2):
+        rig.flusher.flush()
+    assert text.transport.sent == [(TEXT, b'{"f":7}')]
+    assert text2.transport.sent == [(TEXT, b'{"f":7}')]
+    assert packed.transport.sent == [(BINARY, b"\x81\xa1f\x07")]
+    assert text.frames_out == text2.frames_out == packed.frames_out == {"msg": 1}
+    encodes.clear()
+    outbox_impl.fan_out(None, ((), (packed.box,)), 8, "msg", enc_json, enc_packed)
+    outbox_impl.fan_out(None, None, 9, "msg", enc_json, enc_packed)
+    assert encodes == ["msgpack"]  # no JSON target: no JSON encoding
+
+
+def test_fan_out_skips_a_refusing_target_and_refuses_bad_input(outbox_impl: ModuleType) -> None:
+    closed, open_ = _Rig(outbox_impl), _Rig(outbox_impl)
+    closed.box.closing = True  # a slow consumer closed by an earlier write
+    outbox_impl.fan_out(((closed.box, open_.box), ()), None, 1, "msg", lambda f: b"x", bytes)
+    closed.flusher.flush()
+    open_.flusher.flush()
+    assert closed.transport.sent == [] and open_.transport.sent == [(TEXT, b"x")]
+    with pytest.raises(TypeError):
+        outbox_impl.fan_out(((open_.box,), ()), None, 1, "msg", lambda f: "not bytes", bytes)
+    with pytest.raises(TypeError):
+        outbox_impl.fan_out(([open_.box], ()), None, 1, "msg", lambda f: b"x", bytes)
