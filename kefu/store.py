@@ -685,25 +685,10 @@ class GroupCommitWriter:
     def _write(self, entries: list[_Entry]) -> None:
         t0 = time.perf_counter()
         batch = WriteBatch(raw_mode=True)
-        put, delete = batch.put, batch.delete
-        ops = messages = 0
-        for entry in entries:
-            for key, value in entry.ops:
-                if value is None:
-                    delete(key)
-                else:
-                    put(key, value)
-            ops += len(entry.ops)
-            messages += entry.messages
+        ops, messages = mq.fill_batch(entries, batch.put, batch.delete)
         self._write_batch(batch, self._write_options)
         # RocksDB answers point reads from here on; drop what the overlay held for these entries.
-        overlay = self._overlay
-        for entry in entries:
-            serial = entry.serial
-            for key, _ in entry.ops:
-                held = overlay.get(key)
-                if held is not None and held[1] == serial:
-                    del overlay[key]
+        mq.settle(entries, self._overlay)
         elapsed = (time.perf_counter() - t0) * 1e6
         self.batches_written += 1
         self.messages_written += messages

@@ -20,6 +20,8 @@ once the queue is whole again, as the compiled module must to stay memory-safe.
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 __all__ = [
@@ -31,6 +33,8 @@ __all__ = [
     "BatchQueue",
     "OutboundQueue",
     "debug_counters",
+    "fill_batch",
+    "settle",
 ]
 
 PUSH_OK = 0
@@ -458,3 +462,47 @@ class OutboundQueue(_Fifo):
             f"low_water={self._low_water}, paused={self._paused}, "
             f"slow_consumer={self._slow_consumer})"
         )
+
+
+def fill_batch(
+    entries: list[Any], put: Callable[[Any, Any], object], delete: Callable[[Any], object]
+) -> tuple[int, int]:
+    """Every op of ``entries`` in order: ``put(key, value)``, or ``delete(key)`` for a value of
+    None. An entry has ``ops`` (a list of ``(key, value)`` tuples) and ``messages``; returns
+    ``(ops, messages)`` summed over them."""
+    if not isinstance(entries, list):
+        raise TypeError(f"entries must be a list, not {type(entries).__name__}")
+    ops = messages = 0
+    for entry in entries:
+        entry_ops = entry.ops
+        if not isinstance(entry_ops, list):
+            raise TypeError(f"ops must be a list, not {type(entry_ops).__name__}")
+        for op in entry_ops:
+            if not isinstance(op, tuple):
+                raise TypeError(f"an op must be a tuple, not {type(op).__name__}")
+            value = op[1]
+            if value is None:
+                delete(op[0])
+            else:
+                put(op[0], value)
+        ops += len(entry_ops)
+        messages += operator.index(entry.messages)
+    return ops, messages
+
+
+def settle(entries: list[Any], overlay: dict[Any, tuple[Any, int]]) -> None:
+    """Once ``entries`` are written: each of their keys leaves ``overlay`` (key -> ``(value,
+    serial)``) unless a later entry has written it since (its serial is not the entry's)."""
+    if not isinstance(entries, list):
+        raise TypeError(f"entries must be a list, not {type(entries).__name__}")
+    if not isinstance(overlay, dict):
+        raise TypeError(f"overlay must be a dict, not {type(overlay).__name__}")
+    for entry in entries:
+        serial = entry.serial
+        for op in entry.ops:
+            if not isinstance(op, tuple):
+                raise TypeError(f"an op must be a tuple, not {type(op).__name__}")
+            key = op[0]
+            held = overlay.get(key)
+            if held is not None and held[1] == serial:
+                del overlay[key]

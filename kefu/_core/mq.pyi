@@ -5,6 +5,7 @@
 frames with high/low watermarks; a push past ``limit_bytes`` is ``PUSH_SLOW`` (close 4008).
 """
 
+from collections.abc import Callable
 from typing import Any, Final, final
 
 __all__ = [
@@ -16,6 +17,8 @@ __all__ = [
     "BatchQueue",
     "OutboundQueue",
     "debug_counters",
+    "fill_batch",
+    "settle",
 ]
 
 PUSH_OK: Final = 0
@@ -133,3 +136,12 @@ class OutboundQueue(_Fifo):
     @property
     def popped_total(self) -> int:
         """How many frames ``pop`` and ``pop_many`` returned so far."""
+
+def fill_batch(
+    entries: list[Any], put: Callable[[Any, Any], object], delete: Callable[[Any], object]
+) -> tuple[int, int]:
+    """Every op of ``entries`` into a write batch, in order (``delete`` for a value of None);
+    ``(ops, messages)`` summed."""
+
+def settle(entries: list[Any], overlay: dict[Any, tuple[Any, int]]) -> None:
+    """Once ``entries`` are written, their keys leave ``overlay`` unless rewritten since."""

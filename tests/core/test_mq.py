@@ -837,3 +837,67 @@ def test_outbound_queue_twin_compiled_and_model_agree(
             _agree(queues, lambda q, op=op: getattr(q, op)(), attrs)
     assert (queues[1].high_water, queues[1].low_water) == (queues[0].high, queues[0].low)
     assert (queues[2].high_water, queues[2].low_water) == (queues[0].high, queues[0].low)
+
+
+# -- the writer's loops over a drained batch -----------------------------------------------------
+
+
+class _Entry:
+    def __init__(self, ops: list[tuple[bytes, bytes | None]], messages: int, serial: int) -> None:
+        self.ops = ops
+        self.messages = messages
+        self.serial = serial
+
+
+def test_fill_batch_puts_and_deletes_every_op_in_order(mq_impl: ModuleType) -> None:
+    calls: list[tuple[Any, ...]] = []
+    entries = [
+        _Entry([(b"m1", b"one"), (b"d1", b"\x01")], 1, 1),
+        _Entry([(b"c", b"rec"), (b"o", None), (b"u", b"x")], 0, 2),
+        _Entry([], 0, 3),
+        _Entry([(b"m2", b"")], 1, 4),  # an empty value is put, not deleted
+    ]
+    got = mq_impl.fill_batch(
+        entries, lambda k, v: calls.append(("put", k, v)), lambda k: calls.append(("del", k))
+    )
+    assert got == (6, 2)
+    assert calls == [
+        ("put", b"m1", b"one"),
+        ("put", b"d1", b"\x01"),
+        ("put", b"c", b"rec"),
+        ("del", b"o"),
+        ("put", b"u", b"x"),
+        ("put", b"m2", b""),
+    ]
+    assert mq_impl.fill_batch([], None, None) == (0, 0)
+
+
+def test_fill_batch_refusals_and_a_failing_put(mq_impl: ModuleType) -> None:
+    def put(k: bytes, v: bytes) -> None:
+        raise OSError("the batch refused it")
+
+    with pytest.raises(OSError):
+        mq_impl.fill_batch([_Entry([(b"k", b"v")], 1, 1)], put, None)
+    for bad in ((["not a tuple"], 0), ((b"k", b"v"), 0), ([(b"k", b"v")], 1.5)):
+        with pytest.raises(TypeError):
+            mq_impl.fill_batch([_Entry(*bad, 1)], lambda k, v: None, lambda k: None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        mq_impl.fill_batch((), None, None)
+
+
+def test_settle_drops_only_what_the_entries_themselves_queued(mq_impl: ModuleType) -> None:
+    overlay: dict[bytes, tuple[bytes | None, int]] = {
+        b"a": (b"1", 1),
+        b"b": (b"2", 5),  # rewritten by a later entry, still queued: kept
+        b"c": (None, 2),  # a queued delete: dropped with its entry
+        b"z": (b"9", 7),  # not in these entries
+    }
+    mq_impl.settle(
+        [_Entry([(b"a", b"1"), (b"b", b"x")], 0, 1), _Entry([(b"c", None), (b"m", b"")], 1, 2)],
+        overlay,
+    )
+    assert overlay == {b"b": (b"2", 5), b"z": (b"9", 7)}
+    with pytest.raises(TypeError):
+        mq_impl.settle([_Entry([(b"a", b"1")], 0, 1)], [])  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        mq_impl.settle([_Entry(["x"], 0, 1)], overlay)  # type: ignore[list-item]
