@@ -116,7 +116,12 @@ def _extensions() -> list[Extension]:
     common = dict(
         extra_compile_args=_cflags(),
         include_dirs=["kefu/_core", SIMD_DIR],
-        depends=["kefu/_core/kefu_debug.h", "kefu/_core/kefu_lru.h", "kefu/_core/kefu_slots.h"],
+        depends=[
+            "kefu/_core/kefu_debug.h",
+            "kefu/_core/kefu_lru.h",
+            "kefu/_core/kefu_lru.pxd",
+            "kefu/_core/kefu_slots.h",
+        ],
     )
     if DEBUG:
         common["undef_macros"] = ["NDEBUG"]

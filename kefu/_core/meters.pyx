@@ -26,6 +26,16 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyObject
 from libc.math cimport INFINITY, isfinite
 
+from kefu._core.kefu_lru cimport (
+    kefu_lru,
+    kefu_lru_append,
+    kefu_lru_free,
+    kefu_lru_grow,
+    kefu_lru_init,
+    kefu_lru_touch,
+    kefu_lru_unlink,
+)
+
 __all__ = ["Histogram", "Ledger", "MessageMeter", "TokenBucket", "debug_counters"]
 
 cdef extern from "kefu_debug.h":
@@ -194,20 +204,6 @@ cdef class TokenBucket:
     def tokens(self):
         """Tokens left at the last :meth:`take` (without the refill since)."""
         return self._tokens
-
-
-cdef extern from "kefu_lru.h":
-    ctypedef struct kefu_lru:
-        Py_ssize_t oldest
-        Py_ssize_t newest
-        Py_ssize_t allocated
-        Py_ssize_t* next
-    void kefu_lru_init(kefu_lru* l) noexcept
-    int kefu_lru_grow(kefu_lru* l, Py_ssize_t n) except -1
-    void kefu_lru_free(kefu_lru* l) noexcept
-    void kefu_lru_append(kefu_lru* l, Py_ssize_t i) noexcept
-    void kefu_lru_touch(kefu_lru* l, Py_ssize_t i) noexcept
-    void kefu_lru_unlink(kefu_lru* l, Py_ssize_t i) noexcept
 
 
 @cython.final

@@ -43,6 +43,18 @@ from cpython.number cimport PyIndex_Check, PyNumber_AsSsize_t
 from cpython.ref cimport PyObject
 from libc.stdint cimport int64_t, uint64_t
 
+from kefu._core.kefu_lru cimport (
+    kefu_lru,
+    kefu_lru_append,
+    kefu_lru_free,
+    kefu_lru_grow,
+    kefu_lru_init,
+    kefu_lru_release,
+    kefu_lru_take_free,
+    kefu_lru_touch,
+    kefu_lru_unlink,
+)
+
 __all__ = ["MAX_CAPACITY", "RingBuffer", "RingSet", "debug_counters"]
 
 cdef extern from "kefu_debug.h":
@@ -59,20 +71,6 @@ cdef extern from "Python.h":
     bint PyUnicode_IS_ASCII(object o)
     Py_ssize_t PyUnicode_GET_LENGTH(object o)
 
-cdef extern from "kefu_lru.h":
-    ctypedef struct kefu_lru:
-        Py_ssize_t oldest
-        Py_ssize_t newest
-        Py_ssize_t allocated
-        Py_ssize_t* next
-    void kefu_lru_init(kefu_lru* l) noexcept
-    int kefu_lru_grow(kefu_lru* l, Py_ssize_t n) except -1
-    void kefu_lru_free(kefu_lru* l) noexcept
-    void kefu_lru_append(kefu_lru* l, Py_ssize_t i) noexcept
-    void kefu_lru_touch(kefu_lru* l, Py_ssize_t i) noexcept
-    void kefu_lru_unlink(kefu_lru* l, Py_ssize_t i) noexcept
-    void kefu_lru_release(kefu_lru* l, Py_ssize_t i) noexcept
-    Py_ssize_t kefu_lru_take_free(kefu_lru* l) noexcept
 
 cdef extern from "kefu_slots.h":
     # The same swap, seen twice: _take gives Cython the old reference to own (pop), _put leaves
