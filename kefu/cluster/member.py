@@ -70,6 +70,10 @@ MAX_DRAIN_ROUNDS: Final = 100
 MAX_POSITION_READ: Final = 10_000
 #: Routing calls running in the background at once.
 MAX_BACKGROUND: Final = 10_000
+#: Tries of one agent report the cluster refused as unreachable, a heartbeat apart: right
+#: after Redis comes back, a pooled connection that died with it fails once more, and the
+#: close of a connection reported then (the 1012 of the followers) must still reach Redis.
+REPORT_ATTEMPTS: Final = 5
 #: Nodes one ``GET /v1/admin/stats`` lists (this node, the live ones, then the others the
 #: cluster knows, the latest first); only the live ones are asked for their figures.
 MAX_STATS_NODES: Final = 64
@@ -145,6 +149,7 @@ class Member:
         self._report_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._dirty: set[str] = set()
         self.routing_failures_total = 0
+        self.report_retries_total = 0
 
     def bind(self, node: Node) -> None:
         """Serve the other nodes' calls with ``node`` (before :meth:`start`)."""
@@ -406,17 +411,7 @@ class Member:
                 try:
                     if agent_id not in node.pool:
                         return
-                    agent = node.pool.get(agent_id)
-                    effects = await self.routed(
-                        self.routing.agent_state(
-                            agent_id,
-                            node=self.node_id,
-                            status=agent.status,
-                            connections=agent.connections,
-                            chosen_max_chats=agent.chosen_max_chats,
-                            now_ms=_now_ms(),
-                        )
-                    )
+                    effects = await self._report_state(agent_id)
                     if effects:
                         node._run_effects(effects)
                     # Now that Redis has it: every agent of the cluster sees it.
@@ -432,6 +427,33 @@ class Member:
             for fut in self._report_waiters.pop(agent_id, []):
                 if not fut.done():
                     fut.set_result(None)
+
+    async def _report_state(self, agent_id: str) -> list[Effect]:
+        """The agent's latest state to the cluster's routing; tried again a heartbeat later
+        while Redis cannot be reached, :data:`REPORT_ATTEMPTS` times in all (the state is
+        read anew for each try). Raises the last ClusterUnavailable."""
+        node = cast("Node", self.node)
+        for attempt in range(1, REPORT_ATTEMPTS + 1):
+            agent = node.pool.get(agent_id)
+            try:
+                return await self.routed(
+                    self.routing.agent_state(
+                        agent_id,
+                        node=self.node_id,
+                        status=agent.status,
+                        connections=agent.connections,
+                        chosen_max_chats=agent.chosen_max_chats,
+                        now_ms=_now_ms(),
+                    )
+                )
+            except ClusterUnavailable:
+                if attempt == REPORT_ATTEMPTS:
+                    raise
+                self.report_retries_total += 1
+                await asyncio.sleep(self.config.heartbeat_s)
+                if agent_id not in node.pool:
+                    return []
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- presence: what every agent sees of the others ----------------------------------------
 
@@ -948,6 +970,9 @@ class Member:
             one("kefu_cluster_follower_closes_total", "counter",
                 "Connections closed (1012) to resume after their conversation's node restarted "
                 "or died, or Redis came back.", self.restart_closes_total),
+            one("kefu_cluster_report_retries_total", "counter",
+                "Agent reports tried again because Redis could not be reached.",
+                self.report_retries_total),
             one("kefu_cluster_routing_failures_total", "counter",
                 "Routing changes made in the background that failed (logged).",
                 self.routing_failures_total),

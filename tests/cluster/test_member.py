@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from kefu.cluster.link import ClusterUnavailable
-from kefu.cluster.member import owner_index
-from kefu.config import BotConfig, ClusterConfig, Config, WsConfig
+from kefu.cluster.member import REPORT_ATTEMPTS, owner_index
+from kefu.config import AgentConfig, BotConfig, ClusterConfig, Config, WsConfig
 from kefu.node import Node
 from kefu.store import parse_conv_id
 from tests import aio
@@ -107,5 +107,59 @@ def test_a_node_without_its_redis_does_not_start(tmp_path: Path) -> None:
         with pytest.raises(ClusterUnavailable):
             await node.start()
         assert node.member is None
+
+    run(body)
+
+
+def test_an_agent_report_refused_as_unreachable_is_tried_again(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Right after Redis comes back a pooled connection that died with it fails once more: the
+    report made then (an agent's connection closed) is tried again a heartbeat later and
+    reaches the cluster's routing; one that keeps failing stops after REPORT_ATTEMPTS."""
+    import msgspec
+
+    config = msgspec.structs.replace(
+        cluster_config(tmp_path / "a", redis_server.url),
+        agents=[AgentConfig(id="alice", name="Alice", token="alice-token-0001", max_chats=3)],
+    )
+
+    async def body() -> None:
+        node = Node(config)
+        await node.start()
+        try:
+            member = node.member
+            assert member is not None
+            real = member.routing.agent_state
+            failures = {"left": 1}
+            states: list[str] = []
+
+            def flaky(agent_id: str, **kw: object) -> object:
+                if failures["left"]:
+                    failures["left"] -= 1
+
+                    async def cut() -> None:
+                        raise ClusterUnavailable("connection reset by peer")
+
+                    return cut()
+                states.append(str(kw["status"]))
+                return real(agent_id, **kw)  # type: ignore[arg-type]
+
+            member.routing.agent_state = flaky  # type: ignore[method-assign]
+            node.pool.set_status("alice", "online")
+            await asyncio.wait_for(member.report_agent("alice"), 10)
+            assert member.report_retries_total == 1 and states == ["online"]
+            assert "\nkefu_cluster_report_retries_total 1\n" in node.metrics_text().decode()
+            # Redis has it: the cluster counts alice available.
+            ranked = await member.presence(["alice"])
+            assert [p.id for p in ranked] == ["alice"]
+
+            failures["left"] = REPORT_ATTEMPTS  # down for good: the report gives up
+            failed_before = member.routing_failures_total
+            await asyncio.wait_for(member.report_agent("alice"), 10)
+            assert member.report_retries_total == REPORT_ATTEMPTS
+            assert member.routing_failures_total == failed_before + 1
+        finally:
+            await node.stop()
 
     run(body)
