@@ -95,9 +95,10 @@ the answer is the same as without the filter; a false positive costs the read it
   step per iteration; :meth:`Store.load_dedup_filter` runs them at once). The filter is used
   only once the scan is done: a key written meanwhile was added by its write.
 - Bound: ``dedup_filter_keys`` keys at 10 bits each, rounded up to a power of two (4 million
-  keys: 8 MiB; under 0.1 % false positives when full). At that count the store drops the
-  filter for good (until it is opened again) and every check reads RocksDB, as with
-  ``dedup_filter_keys=0``. Metrics: ``kefu_store_dedup_filter_*`` (:meth:`Store.stats`).
+  keys: 8 MiB; 0.2 % false positives when full, a key's bits in one cache line). At that count
+  the store drops the filter for good (until it is opened again) and every check reads
+  RocksDB, as with ``dedup_filter_keys=0``. Metrics: ``kefu_store_dedup_filter_*``
+  (:meth:`Store.stats`).
 
 Memtable size
 -------------

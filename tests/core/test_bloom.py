@@ -40,14 +40,38 @@ def test_false_positives_stay_near_the_design_rate_at_capacity(bloom_impl: Modul
     # Keys of another length than any added: none of them was added.
     probes = [b"\x00" * 41 + k for k in keys(4, 20_000)]
     rate = sum(map(f.may_contain, probes)) / len(probes)
-    # 10 bits per key rounded up to 131,072 bits, 7 hashes: about 0.2 % in theory.
+    # 10 bits per key rounded up to 131,072 bits (13 a key), 7 hashes in 512-bit blocks.
     assert rate < 0.01
+
+
+def test_false_positives_at_ten_bits_a_key_stay_near_one_percent(bloom_impl: ModuleType) -> None:
+    # 13,107 keys at 10 bits: 131,070 bits, rounded to 131,072 (no slack from the rounding).
+    f = bloom_impl.BloomFilter(13_107, 10)
+    for k in keys(7, 13_107, size=40):
+        f.add(k)
+    probes = [b"\x00" * 41 + k for k in keys(8, 40_000)]
+    rate = sum(map(f.may_contain, probes)) / len(probes)
+    # Blocked, 7 hashes in 512-bit blocks: about 1 % (a plain filter: 0.8 %).
+    assert 0.002 < rate < 0.02
+
+
+def test_a_keys_bits_fall_in_one_cache_line(bloom_pair: tuple[ModuleType, ModuleType]) -> None:
+    py, _ = bloom_pair
+    f = py.BloomFilter(100_000, 10)
+    blocks = set()
+    for k in keys(9, 500):
+        probes = f._probes(k)
+        assert len(probes) == f.hashes == 7
+        assert len({bit >> 9 for bit in probes}) == 1  # one block of 512 bits: 64 bytes
+        assert len(set(probes)) == 7  # the step is odd: no bit probed twice
+        blocks.add(probes[0] >> 9)
+    assert len(blocks) > 400  # and the keys spread over the blocks
 
 
 def test_sizes_and_hashes(bloom_impl: ModuleType) -> None:
     f = bloom_impl.BloomFilter(10_000, 10)
     assert f.nbits == 131_072 and f.nbytes == 16_384 and f.hashes == 7
-    assert bloom_impl.BloomFilter(1, 1).nbits == 64
+    assert bloom_impl.BloomFilter(1, 1).nbits == 512  # one block at least
     assert bloom_impl.BloomFilter(1_000, 4).hashes == 3
     assert bloom_impl.BloomFilter(1_000, 64).hashes == 16
 
