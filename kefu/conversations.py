@@ -55,7 +55,7 @@ Metrics: :meth:`Conversations.stats`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, Literal, TypeAlias, cast
 
 import msgspec
@@ -274,6 +274,9 @@ class Conversations:
         self.bot_enabled = bool(bot_enabled)
         self.closed_cache = closed_cache
         self._open: dict[int, ConversationState] = {}
+        #: The open conversation ``conv``, None if it is not open here: the dict's own ``get``
+        #: (one C call, for the message path).
+        self.open_state: Callable[[int], ConversationState | None] = self._open.get
         self._closed: dict[int, ConversationState] = {}  # oldest first, for eviction
         self._by_user: dict[str, int] = {}
         self._idle: dict[int, None] = {}  # open conversations, least recently active first

@@ -130,6 +130,9 @@ class Hub:
         self.ring_capacity = ring_capacity
         self._conns: dict[Principal, set[Connection]] = {}
         self._registered: dict[Connection, Principal] = {}
+        #: The principal ``conn`` is registered as, None if it is not: the dict's own ``get``
+        #: (one C call; the message path asks it for every message).
+        self.key_of: Callable[[Connection], Principal | None] = self._registered.get
         #: role -> its principals' connection sets (the same sets as ``_conns``): a role's
         #: broadcast (``send_role``) visits that role's principals, not every connected one.
         self._by_role: dict[str, dict[Principal, set[Connection]]] = {}
@@ -203,9 +206,6 @@ class Hub:
             target = box if type(box) is _outbox.Outbox else send
             (packed_targets if c.msgpack else json_targets).append(target)
         table[key[1]] = (tuple(json_targets), tuple(packed_targets))
-
-    def key_of(self, conn: Connection) -> Principal | None:
-        return self._registered.get(conn)
 
     def connections(self, key: Principal) -> list[Connection]:
         """A snapshot of ``key``'s live connections (safe to send to while iterating)."""
