@@ -61,6 +61,7 @@ from typing import Any, Final, Literal, TypeAlias, cast
 import msgspec
 
 from kefu.errors import KefuError
+from kefu.protocol import Sender
 from kefu.routing import Assign, Effect, PositionChanged, Queue, Requeue, Unassign
 from kefu.store import CONVERSATION_STATUSES, StoredConversation
 
@@ -169,6 +170,11 @@ class ConversationState(msgspec.Struct, kw_only=True, gc=False):
     closed_by: str | None = None
     closed_reason: str | None = None
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    #: Made by the first message frame that needs them (``Node._land``), then shared by every
+    #: later one and by the rings of recent messages: the id as the wire spells it, and the
+    #: sender of the visitor's messages. None until then (an idle conversation pays 16 bytes).
+    wire_id: str | None = None
+    visitor_sender: Sender | None = None
 
     def to_stored(self) -> StoredConversation:
         return StoredConversation(

@@ -2710,28 +2710,44 @@ class Node:
                         flight[0] = seq + 1
                 received = landing.received
                 meter.persisted(landing.w0, received, msg.from_role)
-                # The ack made here and written without Connection.send's checks, the conv id
-                # spelled once for both frames (format_conv_id's spelling; a stored id is valid).
-                conv = f"{conv_id:016x}"
+                # The ack made here and written without Connection.send's checks. The conv id
+                # as the wire spells it (format_conv_id's spelling; a stored id is valid) and
+                # the visitor's sender are made once a conversation: the frames kept in its
+                # ring share them (a quarter of a kept message's memory).
+                state = landing.state
+                conv = state.wire_id
+                if conv is None:
+                    conv = state.wire_id = f"{conv_id:016x}"
                 cmid = msg.client_msg_id
                 if conn is not None and cmid is not None:
                     ack = Ack(conv=conv, client_msg_id=cmid, seq=seq, ts=msg.ts, dup=False)
                     conn.send_encoded(
                         encode_msgpack(ack) if conn.msgpack else encode_json(ack), "ack"
                     )
+                if (
+                    msg.from_role == "visitor"
+                    and msg.from_id == state.visitor_id
+                    and msg.from_name == "visitor"
+                ):
+                    sender = state.visitor_sender
+                    if sender is None:
+                        sender = state.visitor_sender = Sender(
+                            role="visitor", id=state.visitor_id, name="visitor"
+                        )
+                else:
+                    sender = Sender(role=msg.from_role, id=msg.from_id, name=msg.from_name)  # type: ignore[arg-type]
                 out = Msg(  # _msg_frame, inline
                     conv=conv,
                     seq=seq,
                     epoch=msg.epoch,
                     id=msg.id,
                     client_msg_id=cmid,
-                    from_=Sender(role=msg.from_role, id=msg.from_id, name=msg.from_name),  # type: ignore[arg-type]
+                    from_=sender,
                     text=msg.text,
                     ts=msg.ts,
                     meta=msg.meta,
                 )
                 remember(conv_id, out, seq)
-                state = landing.state
                 if clustered:
                     self._fan_out(state, out)
                 else:

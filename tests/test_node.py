@@ -156,6 +156,53 @@ def test_visitor_and_agent_talk(tmp_path: Path) -> None:
     run(body)
 
 
+def test_a_conversations_kept_frames_share_its_id_and_its_visitors_sender(
+    tmp_path: Path,
+) -> None:
+    """The frames kept for resume share the conversation's wire id and its visitor's sender
+    (``Node._land``), made once; an agent's message has a sender of its own. On the wire each
+    frame says who sent it all the same."""
+
+    async def body() -> None:
+        node = Node(make_config(tmp_path))
+        await node.start()
+        try:
+            agent, visitor, conv = await chat_with_agent(node)
+            for i in range(3):
+                await say(visitor, conv, f"v{i}", f"question {i}")
+            seen = [await recv(agent, "msg") for _ in range(3)]
+            await say(agent, conv, "a0", "an answer")  # its ack comes before its msg
+            seen.append(await recv(agent, "msg"))
+            await say(visitor, conv, "v3", "thanks")
+            seen.append(await recv(agent, "msg"))
+            assert [m["seq"] for m in seen] == [1, 2, 3, 4, 5]
+            state = node.conversations.get(parse_conv_id(conv))
+            assert state is not None
+            visitor_from = {"role": "visitor", "id": state.visitor_id, "name": "visitor"}
+            assert [m["from"] for m in seen] == [visitor_from] * 3 + [
+                {"role": "agent", "id": "alice", "name": "Alice"},
+                visitor_from,
+            ]
+            ring = node.hub.rings.get(state.id)
+            assert ring is not None
+            kept = ring.to_list()
+            assert [m.seq for m in kept] == [1, 2, 3, 4, 5]
+            assert state.wire_id == conv
+            assert all(m.conv is state.wire_id for m in kept)  # one string for all of them
+            by_visitor = [m for m in kept if m.from_.role == "visitor"]
+            assert len(by_visitor) == 4
+            assert all(m.from_ is state.visitor_sender for m in by_visitor)
+            (by_agent,) = [m for m in kept if m.from_.role == "agent"]
+            assert (by_agent.from_.id, by_agent.from_.name) == ("alice", "Alice")
+            assert by_agent.from_ is not state.visitor_sender
+            await agent.close()
+            await visitor.close()
+        finally:
+            await node.stop()
+
+    run(body)
+
+
 def test_the_store_answer_writes_the_ack_and_delivery_at_once(tmp_path: Path) -> None:
     """The ack and the agent's ``msg`` leave from the group commit's answer (flush_writes),
     not from a callback of the loop's next turn."""
