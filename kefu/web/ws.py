@@ -598,7 +598,7 @@ class Connection(WSListener):
                 and not (frame.rsv1 or frame.rsv2 or frame.rsv3)
             ):
                 data = frame.get_payload_as_bytes()
-                if self._valid_text(data):
+                if data.isascii() or self._valid_text(data):  # ASCII is UTF-8: no call
                     self._on_message(False, data)
                 return
             self._on_frame(frame)
@@ -741,8 +741,10 @@ class Connection(WSListener):
             except ProtocolError as exc:
                 item = exc
             else:
-                tag = _tag(type(item))
-                server.frames_in[tag] = server.frames_in.get(tag, 0) + 1
+                # By class, named at read time (frames_in): one dict update a frame.
+                counts = server.frames_in_by_class
+                cls = type(item)
+                counts[cls] = counts.get(cls, 0) + 1
         if self._state == _HELLO:
             if type(item) is not Hello:
                 # PROTOCOL.md: no valid hello first closes with 1008.
@@ -1017,7 +1019,9 @@ class WsServer:
         # Counters
         self.connections_total = 0
         self.refused: dict[str, int] = {"path": 0, "origin": 0, "capacity": 0}
-        self.frames_in: dict[str, int] = {}
+        #: Frames read by their class (``Connection._on_message``); :attr:`frames_in` names them.
+        #: Bounded by the protocol's frame classes.
+        self.frames_in_by_class: dict[type, int] = {}
         self.frames_out: dict[str, int] = {}
         # The connections with frames collected this loop turn (module doc, "Write
         # coalescing"): at most one entry per connection and turn, so bounded by the
@@ -1080,13 +1084,18 @@ class WsServer:
         self.busy_polls += 1
         self._loop.call_soon(self._busy_poll)
 
+    @property
+    def frames_in(self) -> dict[str, int]:
+        """Frames read by their ``type``."""
+        return {_tag(cls): n for cls, n in self.frames_in_by_class.items()}
+
     def stats(self) -> dict[str, Any]:
         return {
             "connections_open": len(self._conns),
             "connections_total": self.connections_total,
             "capacity": self.capacity,
             "refused": dict(self.refused),
-            "frames_in": dict(self.frames_in),
+            "frames_in": self.frames_in,
             "frames_out": dict(self.frames_out),
             "errors": dict(self.errors),
             "closes_sent": dict(self.closes_sent),
