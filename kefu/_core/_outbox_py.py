@@ -72,9 +72,10 @@ class Outbox:
         "_on_slow",
         "_opcode",
         "_out",
+        "_transport",
+        "_write",
         "closing",
         "paused",
-        "transport",
     )
 
     def __init__(
@@ -96,9 +97,20 @@ class Outbox:
         self._flush_bytes = flush_bytes
         self._batch: list[bytes] | None = None
         self._batch_bytes = 0
-        self.transport: Any = None
+        self._transport: Any = None
+        self._write: Callable[[bytes], object] | None = None
         self.paused = False
         self.closing = False
+
+    @property
+    def transport(self) -> Any:
+        """Where the batches go (picows' ``WSTransport``); None: every send is refused."""
+        return self._transport
+
+    @transport.setter
+    def transport(self, value: Any) -> None:
+        self._transport = value
+        self._write = None  # the new transport's, looked up when a batch of several needs it
 
     @property
     def batched(self) -> int:
@@ -108,7 +120,7 @@ class Outbox:
     def send(self, data: bytes, kind: str) -> bool:
         if not isinstance(data, bytes):
             raise TypeError(f"data must be bytes, not {type(data).__name__}")
-        if self.closing or self.transport is None:
+        if self.closing or self._transport is None:
             return False
         batch = self._batch
         if batch is not None:
@@ -142,7 +154,7 @@ class Outbox:
             return True
         self._batch = None
         self._batch_bytes = 0
-        transport = self.transport
+        transport = self._transport
         if transport is None or self.closing:
             return False
         flusher = self._flusher
@@ -158,7 +170,10 @@ class Outbox:
         for data in batch:
             parts.append(frame_header(first, len(data)))
             parts.append(data)
-        transport.underlying_transport.write(b"".join(parts))
+        write = self._write
+        if write is None:
+            write = self._write = transport.underlying_transport.write
+        write(b"".join(parts))
         return True
 
     def drop(self) -> None:

@@ -97,6 +97,34 @@ def test_frames_of_a_turn_leave_in_one_write_in_order(outbox_impl: ModuleType) -
     assert (rig.flusher.batches_written, rig.flusher.batched_frames) == (2, 7)
 
 
+def test_batches_follow_a_new_transport(outbox_impl: ModuleType) -> None:
+    """The write of a batch of several is looked up once per transport: one set later takes
+    the next batches, and none is written once the transport is gone."""
+    rig = _Rig(outbox_impl)
+    assert rig.box.transport is rig.transport
+    rig.box.send(b"a", "msg")
+    rig.box.send(b"b", "msg")
+    rig.flusher.flush()
+    assert [f for w in rig.transport.underlying_transport.writes for f in _parse(w)] == [
+        (0x81, b"a"),
+        (0x81, b"b"),
+    ]
+    second = _Transport()
+    rig.box.transport = second
+    assert rig.box.transport is second
+    rig.box.send(b"c", "msg")
+    rig.box.send(b"d", "msg")
+    rig.flusher.flush()
+    assert len(rig.transport.underlying_transport.writes) == 1  # the first one had nothing more
+    assert [f for w in second.underlying_transport.writes for f in _parse(w)] == [
+        (0x81, b"c"),
+        (0x81, b"d"),
+    ]
+    rig.box.transport = None
+    assert not rig.box.send(b"e", "msg")  # refused: no transport
+    assert second.underlying_transport.writes and len(second.underlying_transport.writes) == 1
+
+
 def test_one_frame_goes_through_the_transports_send_with_its_opcode(
     outbox_impl: ModuleType,
 ) -> None:
