@@ -2606,17 +2606,16 @@ class Node:
             and store.get_dedup(conv, client_msg_id) is not None
         ):
             return False
-        now = time.time_ns() // 1_000_000  # _now_ms
+        now = _now_ms()
         try:
             seq = self.conversations.take_seq(conv, now)
         except KefuError:
             return False
-        self._id_counter += 1  # _message_id
         msg = StoredMessage(
             conv=conv,
             seq=seq,
             epoch=state.epoch,
-            id=f"{self._id_prefix}{self._id_counter:016x}",
+            id=self._message_id(),
             client_msg_id=client_msg_id,
             from_role=role,
             from_id=principal,
@@ -2668,7 +2667,7 @@ class Node:
 
     def _landed(self, conv: int, seq: int) -> None:
         """``seq``'s write was answered: later resumes may replay it. Writes of a conversation
-        are answered in seq order (one FIFO group commit)."""
+        are answered in seq order (one FIFO group commit). ``_land`` does the same inline."""
         flight = self._inflight.get(conv)
         if flight is None:
             return
