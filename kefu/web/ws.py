@@ -627,7 +627,7 @@ class Connection(WSListener):
                 return
             if frame.fin:
                 data = frame.get_payload_as_bytes()
-                if op is _TEXT and not self._valid_text(data):
+                if op is _TEXT and not (data.isascii() or self._valid_text(data)):
                     return
                 self._on_message(op is _BINARY, data)
             else:
@@ -656,9 +656,8 @@ class Connection(WSListener):
             self._on_close_frame(frame)
 
     def _valid_text(self, data: bytes) -> bool:
-        """Whether a whole text message is UTF-8; if not, the connection fails with 1007."""
-        if data.isascii():
-            return True
+        """Whether a whole text message that is not ASCII (its callers test that first, without
+        a call) is UTF-8; if not, the connection fails with 1007."""
         try:
             data.decode()
         except UnicodeDecodeError:
